@@ -1,0 +1,233 @@
+"""The command line: ``trainkit train|validate|eval|translate``, thin over the library.
+
+``train`` is a full Hydra app (overrides, ``-m``, ``--cfg``, ``--help``, ``--config-dir``,
+sweeper and launcher plugins). Errors a user can cause end with one message naming the
+key, file or line and exit code 2 (a traceback only with ``HYDRA_FULL_ERROR=1``); a
+stop on SIGTERM/SIGUSR1 exits 75. ``--version`` and ``--help`` never import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from trainkit.__about__ import __version__
+from trainkit.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, TrainkitError, did_you_mean
+
+USAGE = """\
+usage: trainkit COMMAND [ARGS]
+
+commands:
+  train      [overrides]            train from conf/ (a Hydra app: -m, --cfg job, --help, --config-dir)
+  validate   [overrides]            compose and build everything, train nothing, report every problem
+  eval       ckpt=PATH [split=val|test] [device=cpu]   evaluate a checkpoint with its own config
+  translate  ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=...]   stdin -> stdout
+
+examples:
+  trainkit train +experiment=nmt_base
+  trainkit train +experiment=digits_mlp optimizer.lr=1e-3 trainer.max_epochs=3
+  trainkit train -m +experiment=digits_mlp optimizer.lr=1e-3,3e-3 scheduler=cosine,none
+  trainkit eval ckpt=outputs/digits_mlp/<time>/checkpoints/best.pt split=test
+
+options:
+  -h, --help     this text (trainkit train --help shows the config groups)
+  -V, --version  print the version
+"""
+CONFIG_MODULE = "trainkit.conf"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else EXIT_USAGE)
+    if argv[0] in ("-V", "--version"):
+        print(f"trainkit {__version__}")
+        return
+    commands: dict[str, Callable[[list[str]], int]] = {
+        "train": run_train, "validate": run_validate, "eval": run_eval, "translate": run_translate,
+    }
+    command = commands.get(argv[0])
+    if command is None:
+        fail(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (commands: {', '.join(commands)})")
+    sys.exit(guarded(lambda: command(argv[1:])))
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    print(f"trainkit: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def guarded(run: Callable[[], int | None]) -> int:
+    """Run a command; turn the errors a user can cause into one message and an exit code."""
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra re-raises instead of printing when HYDRA_FULL_ERROR is set: trainkit then decides
+    # how an error reads and which exit code it gets.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return run() or 0
+    except KeyboardInterrupt:
+        print("trainkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place every failure is reported
+        code, message = explain(error)
+        if show_traceback or code == EXIT_FAILED and not isinstance(error, TrainkitError):
+            traceback.print_exc()
+        print(f"trainkit: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if not show_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def explain(error: BaseException) -> tuple[int, str]:
+    """(exit code, one message) for an exception from composing, building or training."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, TrainkitError):
+        return error.exit_code, str(error)
+    chain = causes(error)
+    key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
+    if key_error is not None:
+        return EXIT_USAGE, explain_key_error(error, key_error)
+    if any(isinstance(e, (HydraException, OmegaConfBaseException)) for e in chain):
+        return EXIT_USAGE, " ".join(str(error).split("\n")[:3]).strip()
+    return EXIT_FAILED, f"{type(error).__name__}: {error}"
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def explain_key_error(error: BaseException, key_error: BaseException) -> str:
+    """Name the full key, and the closest valid key when the schema knows the valid ones."""
+    from trainkit.schema import schema_keys
+
+    full_key = key_error.full_key
+    parent, _, key = full_key.rpartition(".")
+    where = ""
+    text = str(error).split("\n")[0]
+    if "experiment/" in text or "Error merging" in text or "In '" in text:
+        where = f" (in {text})"
+    valid = schema_keys(parent)
+    reason = str(key_error).split("\n")[0]
+    if valid is not None and key not in valid:
+        hint = did_you_mean(key, valid, f"{parent}." if parent else "")
+        return f"unknown key {full_key!r}{hint}{where}"
+    return f"{full_key}: {reason}{where}"
+
+
+# train ------------------------------------------------------------------------------------------
+def run_train(args: list[str]) -> int:
+    import hydra
+
+    from trainkit.schema import register_schema
+
+    register_schema()
+    outcome: dict[str, object] = {}
+
+    @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+    def train(cfg) -> float | None:
+        from trainkit.train import train_model
+
+        result = train_model(cfg)
+        outcome["result"] = result
+        return result.best_metric  # the objective a sweeper optimises
+
+    saved_argv = sys.argv
+    sys.argv = ["trainkit train", *args]
+    try:
+        train()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+# validate ---------------------------------------------------------------------------------------
+def compose(overrides: list[str], config_dir: str | None = None):
+    """The config ``trainkit train`` would run with these overrides (no run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from trainkit.schema import register_schema
+
+    register_schema()
+    if config_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"]
+    with initialize_config_module(version_base="1.3", config_module=CONFIG_MODULE):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_validate(args: list[str]) -> int:
+    from trainkit.build import validate
+
+    config_dir = None
+    if "--config-dir" in args:
+        index = args.index("--config-dir")
+        config_dir = args[index + 1] if index + 1 < len(args) else None
+        args = args[:index] + args[index + 2:]
+    cfg = compose(args, config_dir)
+    problems = validate(cfg)
+    if problems:
+        print(f"trainkit validate: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"- {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"trainkit validate: OK (model {cfg.model._target_}, data {cfg.data._target_}, "
+          f"task {cfg.task._target_}, optimizer {cfg.optimizer._target_})")
+    return 0
+
+
+# eval and translate -----------------------------------------------------------------------------
+def parse_pairs(args: list[str], allowed: dict[str, str], command: str) -> dict[str, str]:
+    """key=value arguments of eval/translate, with a suggestion for a misspelled key."""
+    values = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"{command}: expected key=value, got {arg!r} (keys: {', '.join(allowed)})")
+        if key not in allowed:
+            raise ConfigError(f"{command}: unknown key {key!r}{did_you_mean(key, allowed)} (keys: {', '.join(allowed)})")
+        values[key] = value
+    return values
+
+
+def run_eval(args: list[str]) -> int:
+    from trainkit.inference import evaluate_checkpoint
+
+    options = parse_pairs(args, {"ckpt": "checkpoint path", "split": "val|test", "device": "cpu|cuda|auto",
+                                 "batch_size": "override"}, "eval")
+    if "ckpt" not in options:
+        raise ConfigError("eval: ckpt=PATH is required (for example ckpt=outputs/<name>/<time>/checkpoints/best.pt)")
+    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"),
+                        int(options["batch_size"]) if "batch_size" in options else None)
+    return 0
+
+
+def run_translate(args: list[str]) -> int:
+    from trainkit.inference import translate_stream
+
+    options = parse_pairs(args, {"ckpt": "", "input": "", "beam": "", "batch_size": "", "max_len": "",
+                                 "device": "", "length_penalty": ""}, "translate")
+    if "ckpt" not in options:
+        raise ConfigError("translate: ckpt=PATH is required")
+    try:
+        beam = int(options.get("beam", 4))
+        batch_size = int(options.get("batch_size", 64))
+        max_len = int(options["max_len"]) if "max_len" in options else None
+        length_penalty = float(options.get("length_penalty", 1.0))
+    except ValueError as error:
+        raise ConfigError(f"translate: {error}") from None
+    if beam < 1 or batch_size < 1:
+        raise ConfigError("translate: beam and batch_size must be at least 1")
+    translate_stream(options["ckpt"], options.get("input"), beam, batch_size, max_len,
+                     length_penalty, options.get("device", "cpu"))
+    return 0

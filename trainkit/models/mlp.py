@@ -1,0 +1,49 @@
+"""A multi-layer perceptron for flat features (digits pixels, tabular rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> dropout blocks, then a linear head.
+
+    ``in_features`` and ``out_features`` normally come from the data (``trainkit.build``
+    passes them); ``gradient_checkpointing`` recomputes each block in backward to save
+    activation memory.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_sizes: Sequence[int] = (256, 128),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: choose one of {sorted(ACTIVATIONS)}")
+        sizes = [in_features, *hidden_sizes]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), ACTIVATIONS[activation](), nn.Dropout(dropout))
+            for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.head = nn.Linear(sizes[-1], out_features)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(x)

@@ -1,0 +1,132 @@
+"""The typed schema of the top-level config, and the checks run before anything is built.
+
+The schema backs the root of the composed config (Hydra's ConfigStore, struct mode), so a
+misspelled top-level or ``trainer.*`` key fails at composition, in a YAML file or on the
+command line alike. Groups that name a ``_target_`` (model, data, loss, optimizer,
+scheduler, task, callbacks) stay free-form here; their keys are checked against the
+target's signature by ``trainkit.build``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import MISSING
+
+from trainkit.errors import ConfigError
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int | None = None  # optimizer steps; when set it wins over max_epochs
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: memory for fewer updates
+    clip_grad_norm: float | None = 1.0  # null disables clipping
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int | None = None  # null: at the end of every epoch
+    save_every_n_steps: int | None = None  # null: at the end of every epoch
+    compile: bool = False  # torch.compile the model: slow start, faster steps on big models
+    monitor: str = "val/loss"  # the metric for best.pt, early stopping and plateau
+    monitor_mode: str = "min"  # min | max
+    early_stopping_patience: int | None = None  # evaluations without improvement; null: off
+    early_stopping_min_delta: float = 0.0  # smallest change that counts as improvement
+    save_top_k: int = 1  # best checkpoints kept besides best.pt/last.pt (1: best.pt only)
+    test_after_fit: bool = True  # evaluate best.pt on the test split at the end
+
+
+@dataclass
+class DistributedConfig:
+    nproc_per_node: int = 1  # >1 self-launches that many workers (torchrun semantics)
+    backend: str | None = None  # null: nccl on CUDA, gloo otherwise
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    autocast_dtype: str | None = None  # bfloat16 | float16 | null (no autocast)
+    grad_scaling: bool = False  # loss scaling against fp16 gradient underflow
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool | None = None  # null: a bar in a terminal, plain lines otherwise
+
+
+@dataclass
+class TrainkitConfig:
+    name: str = "default"  # the experiment's name: outputs/<name>/..., resume=auto looks there
+    seed: int = 0
+    resume: str | None = None  # null | auto | a checkpoint path
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: Any = MISSING
+    model: Any = MISSING
+    loss: Any = None
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    task: Any = MISSING
+    callbacks: Any = field(default_factory=dict)  # name -> {_target_: ..., ...}
+
+
+SCHEMA_NAME = "trainkit_schema"
+
+
+def register_schema() -> None:
+    """Put the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainkitConfig)
+
+
+def schema_keys(path: str) -> list[str] | None:
+    """Valid key names at a dotted path of the schema ('' is the root), None if free-form."""
+    node: Any = TrainkitConfig
+    for part in [p for p in path.split(".") if p]:
+        match = {f.name: f for f in fields(node)}.get(part)
+        if match is None or not isinstance(match.default_factory, type):
+            return None
+        node = match.default_factory
+    return [f.name for f in fields(node)]
+
+
+def check_values(cfg: Any) -> list[ConfigError]:
+    """Range and choice checks the types alone cannot express; every problem, not the first."""
+    t = cfg.trainer
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(ConfigError(message))
+
+    need(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs}: must be at least 1")
+    need(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be at least 1 or null")
+    need(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps}: must be at least 1")
+    need(t.clip_grad_norm is None or t.clip_grad_norm > 0, f"trainer.clip_grad_norm={t.clip_grad_norm}: must be positive or null")
+    need(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: must be at least 1")
+    for key in ("eval_every_n_steps", "save_every_n_steps", "early_stopping_patience"):
+        value = t[key]
+        need(value is None or value >= 1, f"trainer.{key}={value}: must be at least 1 or null")
+    need(t.monitor_mode in ("min", "max"), f"trainer.monitor_mode={t.monitor_mode!r}: must be 'min' or 'max'")
+    need(t.save_top_k >= 1, f"trainer.save_top_k={t.save_top_k}: must be at least 1")
+    need(cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1")
+    need(cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps")
+    dtype = cfg.precision.autocast_dtype
+    need(dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null")
+    lr = cfg.optimizer.get("lr") if cfg.optimizer is not None else None
+    need(lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.lr={lr}: must be a non-negative number")
+    data = cfg.data
+    for key in ("batch_size", "max_tokens"):
+        value = data.get(key) if data is not None else None
+        need(value is None or (isinstance(value, int) and value >= 1), f"data.{key}={value}: must be a positive integer")
+    need(data is None or data.get("num_workers", 0) >= 0, f"data.num_workers={data.get('num_workers')}: must be >= 0")
+    return problems

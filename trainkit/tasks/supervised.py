@@ -1,0 +1,102 @@
+"""Supervised tasks on ``(inputs, targets)`` batches: classification and regression."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from trainkit.errors import ConfigError
+from trainkit.tasks.base import MetricsMixin, Task
+
+
+def use_sum_reduction(loss_fn: Callable) -> Callable:
+    """Losses are summed per batch (the loop normalises per optimizer step)."""
+    if getattr(loss_fn, "reduction", "sum") != "sum":
+        loss_fn.reduction = "sum"
+    return loss_fn
+
+
+class SupervisedTask(Task):
+    """``loss_fn(model(inputs), targets)`` summed over the batch; no metrics of its own."""
+
+    def __init__(self, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+        self.loss_fn = use_sum_reduction(loss_fn)
+
+    def count(self, batch: Any) -> int:
+        return len(batch[1])
+
+    def loss_sum(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs, targets = batch
+        return self.loss_fn(model(inputs), targets), {}
+
+    def eval_step(self, model: nn.Module, batch: Any) -> Tensor:
+        inputs, targets = batch
+        output = model(inputs)
+        self.update_metrics(output, targets)
+        return self.loss_fn(output, targets)
+
+    def update_metrics(self, output: Tensor, targets: Tensor) -> None:
+        for metric in getattr(self, "metrics", {}).values():
+            metric.update(output, targets)
+
+
+def metric_factories(kind: str, num_classes: int | None) -> dict[str, Callable[[], Any]]:
+    import torchmetrics
+
+    if kind == "classification":
+        multiclass = dict(task="multiclass", num_classes=num_classes)
+        return {
+            "accuracy": lambda: torchmetrics.Accuracy(**multiclass),
+            "f1_macro": lambda: torchmetrics.F1Score(average="macro", **multiclass),
+            "top5_accuracy": lambda: torchmetrics.Accuracy(top_k=min(5, num_classes), **multiclass),
+        }
+    return {
+        "mse": lambda: torchmetrics.MeanSquaredError(),
+        "mae": lambda: torchmetrics.MeanAbsoluteError(),
+        "r2": lambda: torchmetrics.R2Score(),
+    }
+
+
+class _NamedMetricsTask(MetricsMixin, SupervisedTask):
+    kind = ""
+
+    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = (), num_classes: int | None = None):
+        super().__init__(loss_fn)
+        available = metric_factories(self.kind, num_classes)
+        unknown = [name for name in metrics if name not in available]
+        if unknown:
+            raise ConfigError(f"task.metrics: unknown {self.kind} metric {unknown[0]!r}; choose from {sorted(available)}")
+        self.metric_names = list(metrics)
+        self._factories = available
+
+    def make_metrics(self) -> dict[str, Any]:
+        return {name: self._factories[name]() for name in self.metric_names}
+
+
+class ClassificationTask(_NamedMetricsTask):
+    """Cross-entropy on class logits; metrics by name: accuracy, f1_macro, top5_accuracy."""
+
+    kind = "classification"
+
+    def __init__(self, loss_fn: Callable, num_classes: int, metrics: Sequence[str] = ("accuracy",)):
+        super().__init__(loss_fn, metrics, num_classes)
+
+    def update_metrics(self, output: Tensor, targets: Tensor) -> None:
+        super().update_metrics(output.float(), targets)
+
+
+class RegressionTask(_NamedMetricsTask):
+    """Real-valued targets (MSE loss); metrics by name: mse, mae, r2."""
+
+    kind = "regression"
+
+    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = ("mse",)):
+        super().__init__(loss_fn, metrics)
+
+    def count(self, batch: Any) -> int:
+        return batch[1].numel()  # MSE sums over every target element
+
+    def update_metrics(self, output: Tensor, targets: Tensor) -> None:
+        super().update_metrics(output.float().squeeze(-1), targets.squeeze(-1))

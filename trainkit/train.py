@@ -1,0 +1,658 @@
+"""``train_model()`` and the one training loop: the life of a run, top to bottom.
+
+1. **Compose** (``trainkit.cli``): Hydra composes ``conf/`` and the overrides against the
+   schema; a typo stops here with exit 2.
+2. **Join** (``distributed.setup``): under torchrun, join the process group; else one process.
+3. **Seed and build** (``build.build``): every ``_target_`` is checked against its
+   signature, then data, model, loss, task, optimizer and scheduler are instantiated.
+4. **Resume** (``resume=PATH|auto``): weights, optimizer, scheduler, scaler, RNG states and
+   the position inside the epoch come back; the batch plan restarts at that index.
+5. **Fit** (``Trainer.fit``): epochs of optimizer steps (``train_step``: forward and
+   backward over ``grad_accum_steps`` micro-batches, clip, step, schedule). Every
+   ``log_every_n_steps`` the losses accumulated on the device are read once; at the end of
+   every epoch (or every ``eval_every_n_steps``) the validation set is evaluated, best.pt
+   and last.pt are written, and early stopping is checked. SIGTERM/SIGUSR1 finish the
+   current step, write last.pt and exit 75.
+6. **Test and report**: best.pt is evaluated on the test split and ``result.json`` written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainkit import checkpoint
+from trainkit.__about__ import __version__
+from trainkit.distributed import Dist, sum_number
+from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainkitError
+from trainkit.logs import RunLogger
+from trainkit.precision import Precision, resolve_device
+from trainkit.schema import TrainerConfig
+from trainkit.tasks import ModelLossTask, SupervisedTask, Task
+
+log = logging.getLogger("trainkit")
+PRECISIONS = {"fp32": (None, False), "bf16": ("bfloat16", False), "fp16": ("float16", True)}
+
+
+class Preempted(TrainkitError):
+    """Stopped on request (SIGTERM/SIGUSR1) after writing a resumable checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: enough, with the batch plan, to continue at the same sample."""
+
+    epoch: int = 0
+    global_step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # micro-batches of this rank already consumed in ``epoch``
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    top_k: list = field(default_factory=list)  # [[metric, file name], ...] best first
+    stop_reason: str | None = None
+
+
+@dataclass
+class TrainResult:
+    monitor: str
+    best_metric: float | None
+    metrics: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, float]]
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    run_dir: Path | None
+    global_step: int
+    epoch: int
+    wall_time_s: float
+    throughput: dict[str, float]
+    stop_reason: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The content of result.json."""
+        return {
+            "monitor": self.monitor, "best_metric": self.best_metric, "final": self.metrics,
+            "test": self.test, "global_step": self.global_step, "epoch": self.epoch,
+            "wall_time_s": round(self.wall_time_s, 3), "throughput": self.throughput,
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "stop_reason": self.stop_reason,
+        }
+
+
+class Trainer:
+    """The training loop for objects a user holds: a model, an optimizer, a loss or a task.
+
+    ``options`` are the ``trainer`` config keys (``max_epochs``, ``grad_accum_steps``,
+    ``clip_grad_norm``, ``monitor``, ...). Without ``run_dir`` nothing is written to disk.
+    A model whose forward returns its own loss needs neither ``loss_fn`` nor ``task``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Any = None, *, task: Task | None = None, scheduler: Any = None,
+                 precision: str | Precision = "fp32", device: str | torch.device | None = None,
+                 dist: Dist | None = None, run_dir: str | Path | None = None,
+                 callbacks: Sequence[Any] = (), logger: RunLogger | None = None,
+                 config_yaml: str = "", extra_state: dict[str, Any] | None = None, **options: Any):
+        unknown = set(options) - set(TrainerConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"Trainer: unknown option(s) {sorted(unknown)}; valid: {sorted(TrainerConfig.__dataclass_fields__)}")
+        self.options = TrainerConfig(**options)
+        self.dist = dist or Dist(device=resolve_device(str(device or "cpu")))
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.task = task or (SupervisedTask(loss_fn) if loss_fn is not None else ModelLossTask())
+        self.optimizer = optimizer
+        self.schedule = Schedule(scheduler, self.options.monitor)
+        if isinstance(precision, str):
+            autocast_dtype, grad_scaling = PRECISIONS[precision]
+            precision = Precision(self.device, autocast_dtype, grad_scaling, precision)
+        self.precision = precision
+        self.train_model = self.dist.wrap(self.model)  # what the loop calls: DDP and/or compiled
+        if self.options.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self.config_yaml, self.extra_state = config_yaml, extra_state or {}
+        self.state = TrainerState()
+        self.history: list[dict[str, float]] = []
+        self.meter = LossMeter(self.device)
+        self.epoch_meter = LossMeter(self.device)
+        self.grad_norm = torch.zeros(())
+        self.last_eval_step = self.last_save_step = -1
+        self.train_seconds = self.train_units = 0.0
+        self.stop_requested = False
+
+    # The loop -------------------------------------------------------------------------------
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict[str, float]]:
+        """Train until max_steps/max_epochs, early stopping or a stop request; returns the
+        validation history. Raises ``Preempted`` after saving when asked to stop."""
+        state, options = self.state, self.options
+        self.total_steps = options.max_steps or options.max_epochs * math.ceil(
+            len(train_loader) / options.grad_accum_steps)
+        self.call("on_fit_start")
+        self.logger.start_progress(self.total_steps, state.global_step)
+        with stop_signals(self):
+            while state.stop_reason is None and not self.finished():
+                set_epoch(train_loader, state.epoch, state.batch_in_epoch)
+                for micro_batches in chunked(train_loader, options.grad_accum_steps):
+                    self.train_step(micro_batches)
+                    state.batch_in_epoch += len(micro_batches)
+                    self.after_step(val_loader)
+                    if state.stop_reason is not None:
+                        break
+                else:
+                    self.after_epoch(val_loader)
+        if state.stop_reason == "preempted":
+            self.logger.close()
+            raise Preempted(f"stopped at step {state.global_step} on request; last.pt is resumable (resume=auto)")
+        state.stop_reason = state.stop_reason or "finished"
+        if val_loader is not None and self.last_eval_step != state.global_step:
+            self.validate(val_loader)
+        if self.last_save_step != state.global_step:
+            self.save()
+        self.call("on_fit_end")
+        return self.history
+
+    def train_step(self, micro_batches: list[Any]) -> None:
+        """One optimizer step: forward and backward over the micro-batches, clip, step, schedule."""
+        started = time.perf_counter()
+        model, scaler = self.train_model, self.precision.scaler
+        model.train()
+        counts = [self.task.count(batch) for batch in micro_batches]
+        # Each micro-batch loss is a sum; divide by the step's count over all micro-batches and
+        # ranks so the summed gradients equal the large-batch mean (DDP then averages ranks).
+        step_count = sum_number(self.dist, sum(counts))
+        normaliser = step_count / self.dist.world_size
+        for index, (batch, count) in enumerate(zip(micro_batches, counts)):
+            batch = move_to(batch, self.device)
+            with self.dist.no_sync(model, skip_sync=index < len(micro_batches) - 1):
+                with self.precision.autocast():
+                    loss_sum, terms = self.task.loss_sum(model, batch)
+                scaler.scale(loss_sum / normaliser).backward()
+            self.meter.add(loss_sum.detach(), count, terms)
+            self.epoch_meter.add(loss_sum.detach(), count)
+        scaler.unscale_(self.optimizer)
+        self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_step()
+        self.state.global_step += 1
+        seconds = time.perf_counter() - started
+        self.meter.add_step(seconds)
+        self.train_units += step_count
+        self.train_seconds += seconds
+
+    def after_step(self, val_loader: Iterable | None) -> None:
+        """Log, evaluate, save and decide whether to stop, by the step counters."""
+        state, options = self.state, self.options
+        step = state.global_step
+        self.logger.advance()
+        self.call("on_step_end")
+        if step % options.log_every_n_steps == 0:
+            self.log_train()
+        improved = False
+        if options.eval_every_n_steps and step % options.eval_every_n_steps == 0 and val_loader is not None:
+            improved = self.validate(val_loader)
+        if improved or (options.save_every_n_steps and step % options.save_every_n_steps == 0):
+            self.save(best=improved)
+        if options.max_steps and step >= options.max_steps:
+            state.stop_reason = "max_steps"
+        if self.dist.any(self.stop_requested):  # every rank stops at the same step
+            state.stop_reason = "preempted"
+            self.save()
+
+    def after_epoch(self, val_loader: Iterable | None) -> None:
+        state, options = self.state, self.options
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        epoch_loss = self.epoch_meter.read(self.dist)[0]["train/loss"]
+        self.logger.log_metrics({"train/epoch_loss": epoch_loss}, state.global_step, state.epoch)
+        improved = False
+        if options.eval_every_n_steps is None and val_loader is not None:
+            improved = self.validate(val_loader)
+        if improved or options.save_every_n_steps is None:
+            self.save(best=improved)
+
+    def finished(self) -> bool:
+        if self.options.max_steps:
+            return self.state.global_step >= self.options.max_steps
+        return self.state.epoch >= self.options.max_epochs
+
+    def request_stop(self) -> None:
+        """Stop after the current step, writing a resumable checkpoint (as SIGTERM does)."""
+        self.stop_requested = True
+
+    # Logging and evaluation -----------------------------------------------------------------
+    def log_train(self) -> None:
+        steps, seconds = self.meter.steps, self.meter.seconds
+        values, units = self.meter.read(self.dist)  # waits for the device: only every N steps
+        metrics = {
+            **values,
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": float(self.grad_norm),
+            f"train/{self.task.count_unit}_per_second": units / max(seconds, 1e-9),
+            "train/step_time_ms": 1000 * seconds / max(1, steps),
+            "train/peak_memory_mb": peak_memory_mb(self.device),
+        }
+        self.logger.log_metrics(metrics, self.state.global_step, self.state.epoch)
+        self.logger.step_line(metrics, self.state.global_step, self.state.epoch, self.total_steps)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, prefix: str = "val") -> dict[str, float]:
+        """Loss and task metrics over a whole loader, exact across ranks."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        self.task.eval_start(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for batch in loader:
+            count += self.task.count(batch)
+            with self.precision.autocast():
+                loss_sum += self.task.eval_step(model, move_to(batch, self.device)).double()
+        totals = self.dist.sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
+        loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        metrics = {"loss": loss, **self.task.eval_metrics(loss)}
+        model.train(was_training)
+        return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+    def validate(self, val_loader: Iterable) -> bool:
+        """Evaluate, log, step a plateau scheduler, track best and early stopping.
+        Returns whether the monitored metric improved."""
+        state, options = self.state, self.options
+        metrics = self.evaluate(val_loader, "val")
+        metrics["val/epoch_loss"] = metrics["val/loss"]
+        self.last_eval_step = state.global_step
+        self.history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+        self.logger.log_metrics(metrics, state.global_step, state.epoch)
+        self.logger.info("validation  epoch %d  step %d  %s", state.epoch, state.global_step,
+                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "val/epoch_loss"))
+        text = self.task.eval_text()
+        if text:
+            self.logger.log_text("val/samples", text, state.global_step)
+            self.logger.info("sample translations:\n%s", text)
+        if options.monitor not in metrics:
+            raise ConfigError(f"trainer.monitor={options.monitor!r} is not a validation metric; "
+                              f"choose from {sorted(metrics)}")
+        value = metrics[options.monitor]
+        self.schedule.after_eval(metrics)
+        improved = self.is_improvement(value)
+        if improved:
+            state.best_metric, state.best_step = value, state.global_step
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+            patience = options.early_stopping_patience
+            if patience is not None and state.evals_without_improvement >= patience:
+                state.stop_reason = "early_stopping"
+                self.logger.info("early stopping: %s did not improve for %d evaluations (best %.6g at step %s)",
+                                 options.monitor, patience, state.best_metric, state.best_step)
+        self.call("on_evaluate_end", metrics)
+        return improved
+
+    def is_improvement(self, value: float) -> bool:
+        best, delta = self.state.best_metric, self.options.early_stopping_min_delta
+        if not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value < best - delta if self.options.monitor_mode == "min" else value > best + delta
+
+    def test(self, loader: Iterable, use_best: bool = True) -> dict[str, float]:
+        """Metrics on the test split, with best.pt's weights when there is one."""
+        best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
+        if use_best and best is not None and best.exists():
+            self.dist.barrier()
+            self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
+        return self.evaluate(loader, "test")
+
+    # Checkpoints ----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """One plain dict, loadable with torch.load(weights_only=True), enough to resume exactly."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "trainer_state": asdict(self.state),
+            "rng": checkpoint.capture_rng(),
+            "config": self.config_yaml,
+            "trainkit_version": __version__,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
+            **self.extra_state,
+        }
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write a resumable checkpoint to ``path`` (main rank only; atomic)."""
+        path = Path(path)
+        if self.dist.is_main:
+            checkpoint.save(self.checkpoint_state(), path)
+        return path
+
+    def save(self, best: bool = False) -> None:
+        """last.pt, plus best.pt and the top-k files when the monitored metric improved."""
+        self.last_save_step = self.state.global_step
+        if self.checkpoint_dir is None or not self.dist.is_main:
+            return
+        last = self.save_checkpoint(self.checkpoint_dir / "last.pt")
+        if best or not self.history:  # without validation, best is simply the latest
+            checkpoint.link(last, self.checkpoint_dir / "best.pt")
+        if best and self.options.save_top_k > 1:
+            self.keep_top_k(last)
+
+    def keep_top_k(self, last: Path) -> None:
+        name = f"top-step{self.state.global_step:08d}.pt"
+        checkpoint.link(last, self.checkpoint_dir / name)
+        ranked = sorted([*self.state.top_k, [self.state.best_metric, name]],
+                        key=lambda item: item[0], reverse=self.options.monitor_mode == "max")
+        for _, stale in ranked[self.options.save_top_k:]:
+            (self.checkpoint_dir / stale).unlink(missing_ok=True)
+        self.state.top_k = ranked[: self.options.save_top_k]
+
+    def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimizer, scheduler, scaler, position, RNGs."""
+        path = source if not isinstance(source, dict) else "checkpoint"
+        state = source if isinstance(source, dict) else checkpoint.load(source)
+        checkpoint.check_complete(state, path)
+        load_weights(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.state = TrainerState(**state["trainer_state"])
+        self.state.stop_reason = None
+        for cb in self.callbacks:
+            saved = state.get("callbacks", {}).get(type(cb).__name__)
+            if saved is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(saved)
+        checkpoint.restore_rng(state["rng"])
+        self.logger.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path,
+                         self.state.epoch, self.state.global_step, self.state.batch_in_epoch)
+
+    def call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+
+# Small pieces the loop uses ---------------------------------------------------------------------
+class Schedule:
+    """Steps a per-step scheduler after every optimizer step, a plateau one after evaluation."""
+
+    def __init__(self, scheduler: Any, monitor: str):
+        self.scheduler, self.monitor = scheduler, monitor
+        self.on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def after_step(self) -> None:
+        if self.scheduler is not None and not self.on_metric:
+            self.scheduler.step()
+
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        if self.on_metric:
+            self.scheduler.step(metrics[self.monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scheduler is not None and state:
+            self.scheduler.load_state_dict(state)
+
+
+class LossMeter:
+    """Summed losses kept on the device and read only when logged (no per-step sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.units = 0.0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
+        self.loss += loss_sum.double()
+        for name, value in (terms or {}).items():
+            self.terms[name] = self.terms.get(name, 0.0) + value.detach().double()
+        self.units += count
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def read(self, dist: Dist) -> tuple[dict[str, float], float]:
+        """(mean loss and terms per unit over the window and all ranks, units counted); resets."""
+        names = sorted(self.terms)
+        units = torch.tensor(self.units, dtype=torch.float64, device=self.device)
+        packed = torch.stack([self.loss, units, *[self.terms[n].to(self.device) for n in names]])
+        totals = dist.sum(packed).tolist()  # .tolist() waits for the device
+        per_unit = max(totals[1], 1.0)
+        values = {"train/loss": totals[0] / per_unit}
+        values.update({f"train/loss/{n}": v / per_unit for n, v in zip(names, totals[2:])})
+        self.reset()
+        return values, totals[1]
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The total gradient norm (before clipping); clipped to ``max_norm`` unless it is None."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
+def chunked(loader: Iterable, size: int) -> Iterator[list[Any]]:
+    """Group micro-batches into optimizer steps; the last group of an epoch may be shorter."""
+    group: list[Any] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def set_epoch(loader: Iterable, epoch: int, start: int) -> None:
+    """Point a resumable batch plan at (epoch, first batch); other loaders restart the epoch."""
+    plan = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    if plan is not None and hasattr(plan, "set_epoch"):
+        try:
+            plan.set_epoch(epoch, start)
+        except TypeError:
+            plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
+    elif start:
+        log.warning("resuming mid-epoch with a loader that cannot skip batches: the epoch restarts")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
+    """Load a state dict, or explain which parameter names and shapes do not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("shape mismatch", mismatched), ("missing in checkpoint", missing),
+                                      ("unexpected in checkpoint", unexpected)) if items]
+        raise ConfigError(f"{source}: the checkpoint's model does not match the configured model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def stop_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM and SIGUSR1 ask the trainer to stop after the current step (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [s for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    for name in names:
+        signal.signal(getattr(signal, name), lambda signum, frame: trainer.request_stop())
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# train_model ------------------------------------------------------------------------------------
+def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
+    """Build everything from a composed config and train it; see the module docstring."""
+    from omegaconf import OmegaConf
+
+    from trainkit import distributed
+    from trainkit.build import build
+
+    started = time.perf_counter()
+    dist = distributed.setup(cfg.device.type, cfg.distributed.backend)
+    try:
+        run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
+        seed_everything(cfg.seed)
+        parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
+        resume = find_resume(cfg.resume, run_dir)
+        precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name)
+        logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                           progress_bar=cfg.logging.progress_bar)
+        trainer = Trainer(
+            parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
+            dist=dist, run_dir=run_dir, callbacks=parts.callbacks, logger=logger,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data),
+            **OmegaConf.to_container(cfg.trainer),
+        )
+        logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
+                    f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        try:
+            trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
+            test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
+            test = trainer.test(test_loader) if test_loader is not None else {}
+        finally:
+            logger.close()
+        result = make_result(trainer, test, run_dir, time.perf_counter() - started)
+        if dist.is_main:
+            logger.log_metrics(test, trainer.state.global_step, trainer.state.epoch)
+            logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
+            logger.close()
+            (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+            logger.info("done: %s = %s; test %s; result in %s", result.monitor, result.best_metric,
+                        json.dumps(test), run_dir / "result.json")
+        return result
+    finally:
+        dist.teardown()
+
+
+def data_state(data: Any) -> dict[str, Any]:
+    """What the data must keep inside checkpoints (tokenizers), under the key ``data``."""
+    state = data.state_dict() if hasattr(data, "state_dict") else {}
+    return {"data": state} if state else {}
+
+
+def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
+    checkpoints = trainer.checkpoint_dir
+    final = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k not in ("step", "epoch")}
+    unit = trainer.task.count_unit
+    return TrainResult(
+        monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=final, test=test,
+        history=trainer.history, best_checkpoint=checkpoints / "best.pt" if checkpoints else None,
+        last_checkpoint=checkpoints / "last.pt" if checkpoints else None, run_dir=run_dir,
+        global_step=trainer.state.global_step, epoch=trainer.state.epoch, wall_time_s=wall_time_s,
+        throughput={f"{unit}_per_second": trainer.train_units / max(trainer.train_seconds, 1e-9)},
+        stop_reason=trainer.state.stop_reason,
+    )
+
+
+def current_run_dir(cfg: Any) -> Path:
+    """Hydra's output directory inside a Hydra app; outputs/<name>/<time> otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    path = Path("outputs") / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_resume(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint ``resume`` points at: None, ``auto`` (newest last.pt of this experiment)
+    or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoint.find_latest(run_dir.parent, exclude=run_dir)
+        if found is None:
+            raise ConfigError(f"resume=auto: no earlier checkpoint of this experiment under {run_dir.parent}/*/checkpoints/last.pt")
+        log.info("resume=auto: continuing from %s", found[0])
+        return found[1]
+    state = checkpoint.load(resume)
+    checkpoint.check_complete(state, resume)
+    return state
+
+
+def flat_hparams(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
