@@ -30,3 +30,24 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+class StopAt(Callback):
+    """Stop with a resumable checkpoint (exit 75, like SIGTERM) after ``step`` optimizer steps
+    or ``minutes`` of wall time: fits a run into a job's time limit.
+
+    ``callbacks: {stop: {_target_: trainkit.callbacks.StopAt, minutes: 230}}``
+    """
+
+    def __init__(self, step: int | None = None, minutes: float | None = None):
+        import time
+
+        self.step, self.minutes = step, minutes
+        self.deadline = time.monotonic() + 60 * minutes if minutes is not None else None
+
+    def on_step_end(self, trainer: Any) -> None:
+        import time
+
+        reached = self.step is not None and trainer.state.global_step >= self.step
+        if reached or (self.deadline is not None and time.monotonic() >= self.deadline):
+            trainer.request_stop()

@@ -94,7 +94,8 @@ def explain(error: BaseException) -> tuple[int, str]:
     if key_error is not None:
         return EXIT_USAGE, explain_key_error(error, key_error)
     if any(isinstance(e, (HydraException, OmegaConfBaseException)) for e in chain):
-        return EXIT_USAGE, " ".join(str(error).split("\n")[:3]).strip()
+        lines = [line.strip() for line in str(error).split("\n") if line.strip()]
+        return EXIT_USAGE, " ".join(lines[:12])
     return EXIT_FAILED, f"{type(error).__name__}: {error}"
 
 
@@ -108,20 +109,28 @@ def causes(error: BaseException) -> list[BaseException]:
 
 
 def explain_key_error(error: BaseException, key_error: BaseException) -> str:
-    """Name the full key, and the closest valid key when the schema knows the valid ones."""
+    """Name the full key, the file it came from, and the closest valid key: from the schema,
+    or from the signature of the group's ``_target_``."""
+    import re
+
+    from trainkit.build import accepted, resolve_target
     from trainkit.schema import schema_keys
 
     full_key = key_error.full_key
     parent, _, key = full_key.rpartition(".")
-    where = ""
-    text = str(error).split("\n")[0]
-    if "experiment/" in text or "Error merging" in text or "In '" in text:
-        where = f" (in {text})"
+    source = re.search(r"In '([^']+)'", str(error))
+    where = f" (in {source.group(1)}.yaml)" if source and source.group(1) != "config" else ""
     valid = schema_keys(parent)
-    reason = str(key_error).split("\n")[0]
+    node = getattr(key_error, "parent_node", None)
+    if valid is None and node is not None and "_target_" in node:
+        try:
+            valid = list(accepted(resolve_target(node, parent))[0])
+        except Exception:
+            valid = None
     if valid is not None and key not in valid:
         hint = did_you_mean(key, valid, f"{parent}." if parent else "")
         return f"unknown key {full_key!r}{hint}{where}"
+    reason = str(key_error).split("\n")[0]
     return f"{full_key}: {reason}{where}"
 
 

@@ -184,7 +184,9 @@ def beam_search(
             order = (rank + is_eos.long() * n_cand).argsort(dim=1)[:, :k]
             beam_scores = top_scores.gather(1, order)
             parent = (row_offset + top_beam.gather(1, order)).view(-1)
-            tokens = torch.cat([tokens.index_select(0, parent), top_token.gather(1, order).view(-1, 1)], dim=1)
+            tokens = torch.cat(
+                [tokens.index_select(0, parent), top_token.gather(1, order).view(-1, 1)], dim=1
+            )
 
             best_live = beam_scores[:, 0].tolist()
             for b in range(batch):

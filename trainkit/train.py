@@ -560,6 +560,8 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
     dist = distributed.setup(cfg.device.type, cfg.distributed.backend)
     try:
         run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
+        if dist.is_main:
+            check_writable(run_dir)
         seed_everything(cfg.seed)
         parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
         resume = find_resume(cfg.resume, run_dir)
@@ -615,15 +617,24 @@ def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_ti
     )
 
 
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); "
+                          "set hydra.run.dir=... to a writable place") from None
+
+
 def current_run_dir(cfg: Any) -> Path:
     """Hydra's output directory inside a Hydra app; outputs/<name>/<time> otherwise."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    path = Path("outputs") / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path("outputs") / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def find_resume(resume: str | None, run_dir: Path) -> dict[str, Any] | None:

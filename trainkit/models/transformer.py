@@ -21,6 +21,7 @@ logit that the loss reads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,9 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
         raise ValueError(f"d_model must be even for sinusoidal positions, got {d_model}")
     position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
     # 10000 ** (-2i / d_model), computed in log space to stay accurate for large d_model.
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )
     table = torch.zeros(max_len, d_model)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)
@@ -161,14 +164,18 @@ class _Residual(nn.Module):
     norm_first: bool
     dropout: nn.Dropout
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer) -> Tensor:
+    def _residual(
+        self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]
+    ) -> Tensor:
         if self.norm_first:
             return x + self.dropout(sublayer(norm(x)))
         return norm(x + self.dropout(sublayer(x)))
 
 
 class EncoderLayer(_Residual):
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
@@ -178,12 +185,16 @@ class EncoderLayer(_Residual):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, *self.self_attn.project_kv(h), attn_mask))
+        x = self._residual(
+            x, self.norm1, lambda h: self.self_attn(h, *self.self_attn.project_kv(h), attn_mask)
+        )
         return self._residual(x, self.norm2, self.ffn)
 
 
 class DecoderLayer(_Residual):
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
@@ -194,7 +205,9 @@ class DecoderLayer(_Residual):
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def _self_attention(self, h: Tensor, attn_mask: Tensor | None, cache: LayerCache | None) -> Tensor:
+    def _self_attention(
+        self, h: Tensor, attn_mask: Tensor | None, cache: LayerCache | None
+    ) -> Tensor:
         k, v = self.self_attn.project_kv(h)
         if cache is not None:
             if cache.self_k is not None:
@@ -223,7 +236,9 @@ class DecoderLayer(_Residual):
         cache: LayerCache | None = None,
     ) -> Tensor:
         x = self._residual(x, self.norm1, lambda h: self._self_attention(h, self_mask, cache))
-        x = self._residual(x, self.norm2, lambda h: self._cross_attention(h, memory, cross_mask, cache))
+        x = self._residual(
+            x, self.norm2, lambda h: self._cross_attention(h, memory, cross_mask, cache)
+        )
         return self._residual(x, self.norm3, self.ffn)
 
 
@@ -295,8 +310,12 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
 
         layer_args = (d_model, num_heads, ffn_dim, dropout, norm_first)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(num_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(num_decoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(*layer_args) for _ in range(num_encoder_layers)
+        )
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(*layer_args) for _ in range(num_decoder_layers)
+        )
         # Pre-norm leaves the residual stream un-normalised, so each stack ends with a
         # LayerNorm; post-norm outputs are already normalised.
         self.encoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
@@ -327,7 +346,9 @@ class Transformer(nn.Module):
         end = start + ids.size(1)
         if end > self.max_len:
             raise ValueError(f"sequence length {end} exceeds the model's max_len {self.max_len}")
-        x = embedding(ids) * self.embed_scale + self.positions[start:end].to(dtype=embedding.weight.dtype)
+        x = embedding(ids) * self.embed_scale + self.positions[start:end].to(
+            dtype=embedding.weight.dtype
+        )
         return self.embed_dropout(x)
 
     def _checkpointing(self) -> bool:
@@ -372,7 +393,9 @@ class Transformer(nn.Module):
         # keys 0..start+i. A single new token may see everything cached, so no mask needed.
         self_mask = None
         if time > 1:
-            self_mask = torch.ones(time, start + time, dtype=torch.bool, device=tgt_in.device).tril(start)
+            self_mask = torch.ones(time, start + time, dtype=torch.bool, device=tgt_in.device).tril(
+                start
+            )
         cross_mask = key_padding_to_attn_mask(src_pad_mask)
 
         use_checkpoint = cache is None and self._checkpointing()
@@ -380,7 +403,9 @@ class Transformer(nn.Module):
             if use_checkpoint:
                 x = checkpoint(layer, x, memory, self_mask, cross_mask, None, use_reentrant=False)
             else:
-                x = layer(x, memory, self_mask, cross_mask, cache.layers[i] if cache is not None else None)
+                x = layer(
+                    x, memory, self_mask, cross_mask, cache.layers[i] if cache is not None else None
+                )
         if cache is not None:
             cache.length += time
         return self.output_proj(self.decoder_norm(x))

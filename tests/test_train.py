@@ -1,0 +1,170 @@
+"""In-process training: outputs, checkpoints, and the equivalences the loop promises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_same_weights, load_weights
+
+from trainkit import checkpoint, train_model
+from trainkit.train import Preempted
+
+DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false"]
+
+
+def run(compose, tmp_path, name, *overrides):
+    cfg = compose([*DIGITS, *overrides])
+    return train_model(cfg, run_dir=tmp_path / name)
+
+
+def test_digits_run_leaves_every_output(compose, tmp_path):
+    result = run(compose, tmp_path, "run", "trainer.max_epochs=2")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"metrics.jsonl", "tb", "checkpoints", "result.json"} <= files
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    for key in ("monitor", "best_metric", "final", "test", "global_step", "epoch", "wall_time_s", "throughput"):
+        assert key in summary
+    assert summary["monitor"] == "val/accuracy" and "val/accuracy" in summary["final"]
+    assert "test/accuracy" in summary["test"] and summary["epoch"] == 2
+    assert result.best_metric == max(h["val/accuracy"] for h in result.history)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in e and "epoch" in e for e in events)
+    logged = set().union(*events)
+    assert {"train/loss", "train/learning_rate", "train/epoch_loss", "val/loss", "val/epoch_loss",
+            "val/accuracy", "train/grad_norm", "train/samples_per_second"} <= logged
+
+
+def test_checkpoint_is_plain_and_complete(compose, tmp_path):
+    run(compose, tmp_path, "run", "trainer.max_epochs=1")
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)
+        assert set(checkpoint.REQUIRED_KEYS) <= set(state)
+        assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+        assert {"epoch", "global_step", "batch_in_epoch", "best_metric"} <= set(state["trainer_state"])
+        assert isinstance(state["config"], str) and "digits_mlp" in state["config"]
+
+
+def test_two_seeded_runs_are_identical(compose, tmp_path):
+    run(compose, tmp_path, "a", "trainer.max_steps=30")
+    run(compose, tmp_path, "b", "trainer.max_steps=30")
+    assert_same_weights(load_weights(tmp_path / "a/checkpoints/last.pt"), load_weights(tmp_path / "b/checkpoints/last.pt"))
+
+
+def test_different_seeds_differ(compose, tmp_path):
+    run(compose, tmp_path, "a", "trainer.max_steps=25")
+    run(compose, tmp_path, "b", "trainer.max_steps=25", "seed=1")
+    a, b = load_weights(tmp_path / "a/checkpoints/last.pt"), load_weights(tmp_path / "b/checkpoints/last.pt")
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_accumulation_equals_large_batch(compose, tmp_path):
+    # 1,259 training samples: 39 full steps and a last short one per epoch, crossed twice.
+    common = ["data.shuffle=false", "model.dropout=0", "trainer.max_steps=90", "optimizer=sgd",
+              "optimizer.lr=0.05"]
+    run(compose, tmp_path, "accum", *common, "data.batch_size=8", "trainer.grad_accum_steps=4")
+    run(compose, tmp_path, "large", *common, "data.batch_size=32")
+    assert_same_weights(load_weights(tmp_path / "accum/checkpoints/last.pt"),
+                        load_weights(tmp_path / "large/checkpoints/last.pt"), atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_step", [13, 40], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_is_bitwise_exact(compose, tmp_path, stop_step):
+    # 1,259 samples / batch 64 = 20 steps an epoch: step 40 is a boundary, 13 is not.
+    common = ["trainer.max_epochs=3", "model.dropout=0.3", "trainer.log_every_n_steps=7"]
+    run(compose, tmp_path, "whole", *common)
+    with pytest.raises(Preempted):
+        run(compose, tmp_path, "first", *common,
+            f"+callbacks.stop={{_target_: trainkit.callbacks.StopAt, step: {stop_step}}}")
+    stopped = torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)
+    assert stopped["trainer_state"]["global_step"] == stop_step
+    assert stopped["trainer_state"]["batch_in_epoch"] == (stop_step - 1) % 20 + 1
+    run(compose, tmp_path, "second", *common, "resume=auto")
+    assert_same_weights(load_weights(tmp_path / "whole/checkpoints/last.pt"),
+                        load_weights(tmp_path / "second/checkpoints/last.pt"))
+    whole = json.loads((tmp_path / "whole/result.json").read_text())
+    second = json.loads((tmp_path / "second/result.json").read_text())
+    assert whole["final"] == second["final"] and whole["best_metric"] == second["best_metric"]
+
+
+def test_resume_with_accumulation_and_step_checkpoints(compose, tmp_path):
+    common = ["trainer.max_steps=25", "trainer.grad_accum_steps=3", "trainer.save_every_n_steps=4",
+              "trainer.eval_every_n_steps=6", "scheduler=cosine", "scheduler.warmup_steps=5"]
+    run(compose, tmp_path, "whole", *common)
+    with pytest.raises(Preempted):
+        run(compose, tmp_path, "first", *common, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 9}")
+    run(compose, tmp_path, "second", *common, f"resume={tmp_path / 'first/checkpoints/last.pt'}")
+    assert_same_weights(load_weights(tmp_path / "whole/checkpoints/last.pt"),
+                        load_weights(tmp_path / "second/checkpoints/last.pt"))
+
+
+def cosine(step, base, warmup, total, min_lr):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def noam(step, d_model, warmup, factor):
+    n = step + 1
+    return factor * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)
+
+
+def learning_rates(tmp_path, name):
+    events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["train/learning_rate"] for e in events if "train/learning_rate" in e}
+
+
+def test_cosine_schedule_matches_formula_over_the_run(compose, tmp_path):
+    run(compose, tmp_path, "cos", "scheduler=cosine", "scheduler.warmup_steps=10", "scheduler.min_lr=1e-5",
+        "optimizer.lr=3e-3", "trainer.max_steps=60", "trainer.log_every_n_steps=1")
+    logged = learning_rates(tmp_path, "cos")
+    assert sorted(logged) == list(range(1, 61))
+    for step, lr in logged.items():  # the rate logged after `step` steps is the next step's
+        assert abs(lr - cosine(step, 3e-3, 10, 60, 1e-5)) <= 1e-12
+
+
+def test_noam_schedule_matches_formula_over_the_run(compose, tmp_path):
+    from trainkit.schedulers import Noam
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    scheduler = Noam(optimizer, d_model=128, warmup_steps=50, factor=2.0)
+    for step in range(400):
+        assert abs(optimizer.param_groups[0]["lr"] - noam(step, 128, 50, 2.0)) <= 1e-12
+        optimizer.step()
+        scheduler.step()
+
+
+def test_plateau_scheduler_steps_on_the_monitored_metric(compose, tmp_path):
+    result = run(compose, tmp_path, "plateau", "scheduler=plateau", "scheduler.patience=0",
+                 "scheduler.factor=0.5", "trainer.max_epochs=4", "optimizer.lr=10.0", "optimizer=sgd")
+    lrs = learning_rates(tmp_path, "plateau")
+    assert result.global_step == 80 and min(lrs.values()) < 10.0
+
+
+def test_early_stopping(compose, tmp_path):
+    result = run(compose, tmp_path, "es", "trainer.max_epochs=50", "optimizer.lr=0",
+                 "trainer.early_stopping_patience=2", "scheduler=none")
+    assert result.stop_reason == "early_stopping" and result.epoch == 3
+
+
+def test_regression_preset_reports_r2(compose, tmp_path):
+    cfg = compose(["+experiment=diabetes_mlp", "trainer.max_epochs=20", "logging.progress_bar=false"])
+    result = train_model(cfg, run_dir=tmp_path / "reg")
+    assert "val/r2" in result.metrics and "test/r2" in result.test
+    assert result.best_metric > 0.2  # a linear fit of this set reaches ~0.45
+
+
+def test_top_k_checkpoints_are_kept(compose, tmp_path):
+    run(compose, tmp_path, "topk", "trainer.max_epochs=5", "trainer.save_top_k=2")
+    names = sorted(p.name for p in (tmp_path / "topk/checkpoints").glob("top-*.pt"))
+    assert len(names) == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains(compose, tmp_path, precision):
+    result = run(compose, tmp_path, precision, f"precision={precision}", "trainer.max_epochs=3")
+    assert result.best_metric > 0.8
