@@ -120,12 +120,15 @@ def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
     return per_epoch, total
 
 
-def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1) -> Components:
-    """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config."""
+def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
+          data_state: dict[str, Any] | None = None) -> Components:
+    """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
+    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back."""
     problems = check_values(cfg)
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
-    data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size})
+    data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
+                                          "data_state": data_state})
     offered = dict(data.runtime_kwargs())
     model = instantiate(cfg.model, "model", offered)
     loss = None

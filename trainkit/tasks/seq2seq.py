@@ -4,6 +4,9 @@ The loss is summed over target tokens (padding ignored) and the loop divides by 
 target-token count of the whole optimizer step, so accumulation and DDP equal one large
 batch whatever the sentence lengths. Validation decodes (greedy, or beam search with
 ``beam_size`` > 1) and scores detokenized text with sacreBLEU and exact match.
+``bleu_tokenize`` is sacreBLEU's tokenizer: ``13a`` (its default) for ordinary text,
+``char`` for targets that are single compound words (German numbers), where word 2- to
+4-grams do not exist and word BLEU is always 0.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Seq2SeqTask(Task):
 
     def __init__(self, loss_fn: Callable, tokenizer: Tokenizer, metrics: Sequence[str] = METRICS,
                  beam_size: int = 1, length_penalty: float = 1.0, max_decode_len: int = 128,
-                 num_samples: int = 3):
+                 num_samples: int = 3, bleu_tokenize: str = "13a"):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ConfigError(f"task.metrics: unknown seq2seq metric {unknown[0]!r}; choose from {list(METRICS)}")
@@ -37,6 +40,7 @@ class Seq2SeqTask(Task):
         self.tokenizer, self.metric_names = tokenizer, list(metrics)
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.max_decode_len, self.num_samples = max_decode_len, num_samples
+        self.bleu_tokenize = bleu_tokenize
         self.decode = bool({"bleu", "exact_match"} & set(metrics)) or num_samples > 0
 
     def count(self, batch: dict[str, Any]) -> int:
@@ -79,7 +83,7 @@ class Seq2SeqTask(Task):
         if "bleu" in self.metric_names:
             import sacrebleu
 
-            metrics["bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
+            metrics["bleu"] = sacrebleu.corpus_bleu(hypotheses, [references], tokenize=self.bleu_tokenize).score
         if "exact_match" in self.metric_names:
             metrics["exact_match"] = sum(h == r for h, r in zip(hypotheses, references)) / max(1, len(references))
         return metrics

@@ -1,0 +1,114 @@
+"""Using a finished checkpoint: ``trainkit eval`` and ``trainkit translate``.
+
+Both read the checkpoint with ``weights_only=True`` and rebuild the model from the config
+stored inside it; ``translate`` needs nothing but the checkpoint (the tokenizer is in it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from omegaconf import OmegaConf
+
+from trainkit import checkpoint
+from trainkit.build import build, instantiate
+from trainkit.errors import ConfigError
+from trainkit.precision import resolve_device
+from trainkit.train import Trainer, load_weights
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], Any]:
+    state = checkpoint.load(path)
+    for key in ("model", "config"):
+        if key not in state:
+            raise ConfigError(f"checkpoint {path}: not a trainkit checkpoint (no {key!r})")
+    try:
+        cfg = OmegaConf.create(state["config"])
+    except Exception as error:
+        raise ConfigError(f"checkpoint {path}: its stored config is not valid YAML ({error})") from None
+    return state, cfg
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test", device: str = "cpu",
+                        batch_size: int | None = None) -> dict[str, float]:
+    """Metrics of a checkpoint on one split; printed as JSON and written beside the run."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"eval: split={split!r}; choose val or test (or train)")
+    state, cfg = read_checkpoint(path)
+    if batch_size is not None:
+        cfg.data.batch_size = batch_size
+    parts = build(cfg, cfg.seed, data_state=state.get("data"))
+    loader = parts.data.loader(split)
+    if loader is None:
+        raise ConfigError(f"eval: the data of this checkpoint has no {split!r} split")
+    trainer = Trainer(parts.model, parts.optimizer, task=parts.task, device=device)
+    load_weights(trainer.model, state["model"], path)
+    metrics = trainer.evaluate(loader, split)
+    print(json.dumps(metrics, indent=2))
+    out = Path(path).resolve().parent.parent / f"eval-{split}.json"
+    try:
+        out.write_text(json.dumps({"checkpoint": str(path), **metrics}, indent=2) + "\n")
+    except OSError:
+        pass  # a read-only run directory still gets its metrics printed
+    return metrics
+
+
+def load_translator(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model and tokenizer inside a translation checkpoint."""
+    from trainkit.data.tokenizers import tokenizer_from_state
+    from trainkit.data.translation import runtime_for
+
+    state, cfg = read_checkpoint(path)
+    tokenizer_state = (state.get("data") or {}).get("tokenizer")
+    if tokenizer_state is None:
+        raise ConfigError(f"translate: checkpoint {path} holds no tokenizer (not a translation model)")
+    tokenizer = tokenizer_from_state(tokenizer_state)
+    model = instantiate(cfg.model, "model", runtime_for(tokenizer))
+    load_weights(model, state["model"], path)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def translate_lines(model: torch.nn.Module, tokenizer: Any, lines: list[str], beam: int = 4,
+                    batch_size: int = 64, max_len: int | None = None, length_penalty: float = 1.0,
+                    device: torch.device = torch.device("cpu")) -> list[str]:
+    """Translations in input order; empty lines stay empty. Sorted by length to batch tightly."""
+    from trainkit.data.translation import pad
+    from trainkit.decoding import beam_search, greedy_decode
+
+    limit = model.max_len - 1
+    encoded = {i: tokenizer.encode(line)[: limit - 1] + [tokenizer.eos_id] for i, line in enumerate(lines) if line.strip()}
+    order = sorted(encoded, key=lambda i: len(encoded[i]))
+    out = [""] * len(lines)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        src = pad([encoded[i] for i in rows], tokenizer.pad_id).to(device)
+        length = min(limit, max_len or 2 * src.shape[1] + 10)
+        if beam > 1:
+            ids = beam_search(model, src, tokenizer.bos_id, tokenizer.eos_id, beam, length, length_penalty)
+        else:
+            ids = greedy_decode(model, src, tokenizer.bos_id, tokenizer.eos_id, length)
+        for row, hypothesis in zip(rows, ids):
+            out[row] = tokenizer.decode(hypothesis)
+    return out
+
+
+def translate_stream(path: str | Path, input_path: str | None, beam: int, batch_size: int,
+                     max_len: int | None, length_penalty: float, device: str = "cpu",
+                     output: TextIO = sys.stdout) -> None:
+    torch_device = resolve_device(device)
+    model, tokenizer = load_translator(path, torch_device)
+    if input_path is None:
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(input_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"translate: cannot read input={input_path}: {error}") from None
+    for line in translate_lines(model, tokenizer, lines, beam, batch_size, max_len, length_penalty, torch_device):
+        output.write(line + "\n")
+    output.flush()
