@@ -60,7 +60,8 @@ def check_node(node: Any, path: str, runtime: dict[str, Any] | None = None) -> l
     if not takes_any:
         for key in node:
             if key not in HYDRA_KEYS and key not in params:
-                hint = did_you_mean(str(key), params, f"{path}.")
+                hint = did_you_mean(str(key), params, f"{path}.") or (
+                    f" (left over from another {path} option? remove it with ~{path}.{key})")
                 problems.append(ConfigError(f"{path}.{key}: not an argument of {node._target_}{hint}"))
     for name, param in params.items() if runtime is not None else ():
         if param.default is inspect.Parameter.empty and name not in node and name not in runtime:
