@@ -75,7 +75,7 @@ def load_translator(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
 @torch.no_grad()
 def translate_lines(model: torch.nn.Module, tokenizer: Any, lines: list[str], beam: int = 4,
                     batch_size: int = 64, max_len: int | None = None, length_penalty: float = 1.0,
-                    device: torch.device = torch.device("cpu")) -> list[str]:
+                    device: torch.device | None = None) -> list[str]:
     """Translations in input order; empty lines stay empty. Sorted by length to batch tightly."""
     from trainkit.data.translation import pad
     from trainkit.decoding import beam_search, greedy_decode
@@ -86,7 +86,7 @@ def translate_lines(model: torch.nn.Module, tokenizer: Any, lines: list[str], be
     out = [""] * len(lines)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        src = pad([encoded[i] for i in rows], tokenizer.pad_id).to(device)
+        src = pad([encoded[i] for i in rows], tokenizer.pad_id).to(device or "cpu")
         length = min(limit, max_len or 2 * src.shape[1] + 10)
         if beam > 1:
             ids = beam_search(model, src, tokenizer.bos_id, tokenizer.eos_id, beam, length, length_penalty)
