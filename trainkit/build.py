@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trainkit.errors import ConfigError, ConfigErrors, did_you_mean
+from trainkit.lora import apply_finetune
 from trainkit.schema import check_values
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -132,6 +133,7 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
                                           "data_state": data_state})
     offered = dict(data.runtime_kwargs())
     model = instantiate(cfg.model, "model", offered)
+    model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
     loss = None
     if cfg.get("loss") is not None:
         loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))

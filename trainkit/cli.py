@@ -1,4 +1,4 @@
-"""The command line: ``trainkit train|validate|eval|translate``, thin over the library.
+"""The command line: ``trainkit train|validate|eval|translate|export``, thin over the library.
 
 ``train`` is a full Hydra app (overrides, ``-m``, ``--cfg``, ``--help``, ``--config-dir``,
 sweeper and launcher plugins). Errors a user can cause end with one message naming the
@@ -24,6 +24,7 @@ commands:
   validate   [overrides]            compose and build everything, train nothing, report every problem
   eval       ckpt=PATH [split=val|test] [device=cpu]   evaluate a checkpoint with its own config
   translate  ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=...]   stdin -> stdout
+  export     ckpt=PATH format=safetensors|torchscript|onnx|merged [out=PATH]   the model outside trainkit
 
 examples:
   trainkit train +experiment=nmt_base
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     commands: dict[str, Callable[[list[str]], int]] = {
         "train": run_train, "validate": run_validate, "eval": run_eval, "translate": run_translate,
+        "export": run_export,
     }
     command = commands.get(argv[0])
     if command is None:
@@ -89,6 +91,11 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     if isinstance(error, TrainkitError):
         return error.exit_code, str(error)
+    from trainkit.sweep import missing_plugin
+
+    plugin_hint = missing_plugin(error)
+    if plugin_hint is not None:
+        return EXIT_USAGE, plugin_hint
     chain = causes(error)
     key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
     if key_error is not None:
@@ -145,12 +152,25 @@ def run_train(args: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
     def train(cfg) -> float | None:
+        from trainkit.sweep import run_job
         from trainkit.train import train_model
 
-        result = train_model(cfg)
-        outcome["result"] = result
-        return result.best_metric  # the objective a sweeper optimises
+        def train_and_keep(job_cfg):
+            outcome["result"] = result = train_model(job_cfg)
+            return result
 
+        # The monitored metric, the objective a sweeper optimises; a multirun job that fails
+        # is recorded in the sweep's summary and returns None instead of ending the sweep.
+        return run_job(cfg, train_and_keep)
+
+    from trainkit import distributed
+
+    if distributed.under_torchrun():  # every rank runs this app: agree on one run directory
+        distributed.agree_on_start_time()
+        args = [*args, *distributed.worker_overrides()]
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if restarted and not any(a.startswith("resume=") for a in args):
+            args.append("resume=auto")  # torchrun --max-restarts: continue from the last checkpoint
     saved_argv = sys.argv
     sys.argv = ["trainkit train", *args]
     try:
@@ -239,4 +259,17 @@ def run_translate(args: list[str]) -> int:
         raise ConfigError("translate: beam and batch_size must be at least 1")
     translate_stream(options["ckpt"], options.get("input"), beam, batch_size, max_len,
                      length_penalty, options.get("device", "cpu"))
+    return 0
+
+
+# export -----------------------------------------------------------------------------------------
+def run_export(args: list[str]) -> int:
+    from trainkit.export import EXTENSIONS, export_checkpoint
+
+    options = parse_pairs(args, {"ckpt": "checkpoint path", "format": "|".join(EXTENSIONS),
+                                 "out": "output path"}, "export")
+    if "ckpt" not in options or "format" not in options:
+        raise ConfigError(f"export: ckpt=PATH and format={'|'.join(EXTENSIONS)} are required")
+    for path in export_checkpoint(options["ckpt"], options["format"], options.get("out")):
+        print(f"wrote {path}")
     return 0

@@ -7,9 +7,13 @@ writes files; ``teardown`` runs in a ``finally``.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -73,6 +77,16 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
+def under_torchrun() -> bool:
+    """True in a worker that torchrun (or trainkit's self-launch) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def default_backend() -> str:
+    # gloo for CPU tensors and, on CUDA machines, nccl for CUDA ones: one group serves both.
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def setup(device_type: str = "auto", backend: str | None = None) -> Dist:
     """Join the process group torchrun describes in the environment, or run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,8 +97,88 @@ def setup(device_type: str = "auto", backend: str | None = None) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        init_group(backend)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.ERROR)  # other ranks print nothing but errors
     return Dist(torch_dist.get_rank(), world_size, local_rank, device)
+
+
+def init_group(backend: str | None = None) -> None:
+    """Join torchrun's process group. After ``--max-restarts`` restarts the agent's store
+    still holds the dead workers' addresses, so keys get a per-attempt prefix."""
+    backend = backend or default_backend()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        torch_dist.init_process_group(backend)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                      world_size, is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = torch_dist.PrefixStore(f"trainkit/attempt_{attempt}", agent_store)
+    torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def agree_on_start_time() -> None:
+    """Under torchrun, every rank composes the config itself: rank 0's start time, shared
+    through the process group, makes ``${trainkit_now:...}`` (the run directory) identical."""
+    if not torch_dist.is_initialized():
+        init_group()
+    stamp = [os.environ.get("TRAINKIT_RUN_TIME") or str(time.time())]
+    torch_dist.broadcast_object_list(stamp, src=0)
+    os.environ["TRAINKIT_RUN_TIME"] = stamp[0]
+
+
+def worker_overrides() -> list[str]:
+    """Hydra overrides for torchrun ranks other than 0: no .hydra/ record, no log file."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(config_yaml: str, run_dir: str, nproc_per_node: int) -> dict[str, Any]:
+    """Self-launch: ``nproc_per_node`` workers on this machine with torch's elastic launcher
+    (torchrun semantics), each on its share of the cores, on a free port of its own (so
+    every job of a sweep is its own process group). Returns rank 0's result."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    threads = max(1, (os.cpu_count() or 1) // nproc_per_node)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=f"trainkit-{os.getpid()}-{time.time_ns()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        monitor_interval=0.5, start_method="spawn",
+    )
+    results = elastic_launch(config, worker)(config_yaml, run_dir)
+    return results[0]
+
+
+def worker(config_yaml: str, run_dir: str) -> dict[str, Any]:
+    """One self-launched rank: train from the parent's resolved config, into its run directory.
+    Errors a user caused come back as values (the parent maps them to exit codes)."""
+    from omegaconf import OmegaConf
+
+    from trainkit.errors import TrainkitError
+    from trainkit.train import train_model
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if os.environ.get("RANK") == "0":
+        fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(run_dir, "train.log"))]
+        for handler in handlers:
+            handler.setFormatter(fmt)
+            logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        result = train_model(OmegaConf.create(config_yaml), run_dir=run_dir)
+    except TrainkitError as error:
+        return {"error": type(error).__name__, "exit_code": error.exit_code, "message": str(error)}
+    return result.__dict__ | {"history": result.history}
 
 
 def sum_number(dist: Dist, value: float) -> float:

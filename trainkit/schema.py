@@ -9,6 +9,8 @@ target's signature by ``trainkit.build``. Nothing here imports torch.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -64,6 +66,8 @@ class TrainkitConfig:
     name: str = "default"  # the experiment's name: outputs/<name>/..., resume=auto looks there
     seed: int = 0
     resume: str | None = None  # null | auto | a checkpoint path
+    init_from: str | None = None  # a trainkit checkpoint whose weights start the model (not its optimizer or step)
+    finetune: Any = None  # +finetune=lora: train low-rank adapters only (trainkit.lora)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -81,11 +85,23 @@ class TrainkitConfig:
 SCHEMA_NAME = "trainkit_schema"
 
 
+START_TIME = time.time()
+
+
+def run_time(fmt: str) -> str:
+    """``${trainkit_now:FORMAT}``: the run's start time, shared by every rank of a DDP job
+    (``TRAINKIT_RUN_TIME``, set from rank 0), so all ranks use one run directory."""
+    return time.strftime(fmt, time.localtime(float(os.environ.get("TRAINKIT_RUN_TIME", START_TIME))))
+
+
 def register_schema() -> None:
-    """Put the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists it first in its
+    defaults) and register the ``trainkit_now`` resolver."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainkitConfig)
+    OmegaConf.register_new_resolver("trainkit_now", run_time, replace=True)
 
 
 def schema_keys(path: str) -> list[str] | None:

@@ -66,6 +66,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     top_k: list = field(default_factory=list)  # [[metric, file name], ...] best first
     stop_reason: str | None = None
+    world_size: int = 1  # processes that wrote this state (batch_in_epoch counts per rank)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.config_yaml, self.extra_state = config_yaml, extra_state or {}
-        self.state = TrainerState()
+        self.state = TrainerState(world_size=self.dist.world_size)
         self.history: list[dict[str, float]] = []
         self.meter = LossMeter(self.device)
         self.epoch_meter = LossMeter(self.device)
@@ -369,9 +370,10 @@ class Trainer:
             (self.checkpoint_dir / stale).unlink(missing_ok=True)
         self.state.top_k = ranked[: self.options.save_top_k]
 
-    def load_checkpoint(self, source: str | Path | dict[str, Any]) -> None:
-        """Continue from a checkpoint: weights, optimizer, scheduler, scaler, position, RNGs."""
-        path = source if not isinstance(source, dict) else "checkpoint"
+    def load_checkpoint(self, source: str | Path | dict[str, Any], path: str | Path | None = None) -> None:
+        """Continue from a checkpoint (a file, or its loaded dict read from ``path``):
+        weights, optimizer, scheduler, scaler, position, RNGs."""
+        path = path or (source if not isinstance(source, dict) else "checkpoint")
         state = source if isinstance(source, dict) else checkpoint.load(source)
         checkpoint.check_complete(state, path)
         load_weights(self.model, state["model"], path)
@@ -379,8 +381,15 @@ class Trainer:
         self.schedule.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
-        self.state = TrainerState(**state["trainer_state"])
+        saved = TrainerState(**state["trainer_state"])
+        if saved.world_size != self.dist.world_size and saved.batch_in_epoch:
+            raise ConfigError(
+                f"{path}: written by {saved.world_size} process(es) in the middle of an epoch; resume it "
+                f"with distributed.nproc_per_node={saved.world_size} (a different count is allowed "
+                "only from an end-of-epoch checkpoint)")
+        self.state = saved
         self.state.stop_reason = None
+        self.state.world_size = self.dist.world_size
         for cb in self.callbacks:
             saved = state.get("callbacks", {}).get(type(cb).__name__)
             if saved is not None and hasattr(cb, "load_state_dict"):
@@ -557,6 +566,8 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
     from trainkit.build import build
 
     started = time.perf_counter()
+    if cfg.distributed.nproc_per_node > 1 and not distributed.under_torchrun():
+        return self_launch(cfg, Path(run_dir) if run_dir is not None else current_run_dir(cfg))
     dist = distributed.setup(cfg.device.type, cfg.distributed.backend)
     try:
         run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
@@ -577,7 +588,7 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
         logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
                     f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
         if resume is not None:
-            trainer.load_checkpoint(resume)
+            trainer.load_checkpoint(resume[1], path=resume[0])
         try:
             trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
             test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
@@ -595,6 +606,20 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
         return result
     finally:
         dist.teardown()
+
+
+def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
+    """``distributed.nproc_per_node=N``: train in N workers, return rank 0's result."""
+    from omegaconf import OmegaConf
+
+    from trainkit import distributed
+
+    check_writable(run_dir)
+    outcome = distributed.launch(OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), cfg.distributed.nproc_per_node)
+    if "error" in outcome:
+        error_type = {2: ConfigError, EXIT_PREEMPTED: Preempted}.get(outcome["exit_code"], TrainkitError)
+        raise error_type(outcome["message"])
+    return TrainResult(**outcome)
 
 
 def data_state(data: Any) -> dict[str, Any]:
@@ -637,20 +662,19 @@ def current_run_dir(cfg: Any) -> Path:
     return Path("outputs") / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def find_resume(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint ``resume`` points at: None, ``auto`` (newest last.pt of this experiment)
-    or a path."""
+def find_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, loaded state) of the checkpoint ``resume`` points at: None, ``auto`` (the
+    newest good last.pt of this experiment) or a path."""
     if resume is None:
         return None
     if resume == "auto":
         found = checkpoint.find_latest(run_dir.parent, exclude=run_dir)
         if found is None:
             raise ConfigError(f"resume=auto: no earlier checkpoint of this experiment under {run_dir.parent}/*/checkpoints/last.pt")
-        log.info("resume=auto: continuing from %s", found[0])
-        return found[1]
+        return found
     state = checkpoint.load(resume)
     checkpoint.check_complete(state, resume)
-    return state
+    return Path(resume), state
 
 
 def flat_hparams(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,21 @@
+"""Callbacks that misbehave on purpose, for the distributed fault tests (on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+from trainkit.callbacks import Callback
+
+
+class RaiseOnRank(Callback):
+    """Raise on one rank at one step (only on the first attempt of a torchrun job)."""
+
+    def __init__(self, rank: int, step: int, hard: bool = False):
+        self.rank, self.step, self.hard = rank, step, hard
+
+    def on_step_end(self, trainer) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and trainer.dist.rank == self.rank and trainer.state.global_step == self.step:
+            if self.hard:
+                os._exit(13)  # a dead worker, no clean-up
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
