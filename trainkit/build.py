@@ -126,6 +126,9 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
           data_state: dict[str, Any] | None = None) -> Components:
     """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
     ``data_state`` (from a checkpoint) gives the data its trained tokenizer back."""
+    from trainkit.checkpoint import require_safe_torch
+
+    require_safe_torch()
     problems = check_values(cfg)
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]

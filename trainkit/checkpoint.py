@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.errors import ConfigError, TrainkitError
+from trainkit.errors import ConfigError
+
+MIN_TORCH = (2, 6)
+
+
+def require_safe_torch() -> None:
+    """torch < 2.6 cannot be trusted to load checkpoints safely: refuse to run on it."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        raise ConfigError(f"torch {torch.__version__} is too old: trainkit needs torch >= 2.6 "
+                          "(safe weights_only checkpoint loading); pip install -U torch")
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "trainer_state", "rng", "config",
@@ -39,8 +49,8 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise TrainkitError(f"could not write checkpoint {path}: {error.strerror or error}; "
-                            "the previous checkpoint is unchanged") from None
+        raise ConfigError(f"could not write checkpoint {path}: {error.strerror or error}; "
+                          "the previous checkpoint is unchanged") from None
     fsync_directory(path.parent)
     return path
 
@@ -74,6 +84,7 @@ def fsync_directory(directory: Path) -> None:
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely; every failure is a ``ConfigError`` naming the file and why."""
+    require_safe_torch()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path}: no such file")

@@ -25,6 +25,7 @@ commands:
   eval       ckpt=PATH [split=val|test] [device=cpu]   evaluate a checkpoint with its own config
   translate  ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=...]   stdin -> stdout
   export     ckpt=PATH format=safetensors|torchscript|onnx|merged [out=PATH]   the model outside trainkit
+  report     DIR [out=FILE.png]     a sweep's summary table (or a run's result) and a picture of its curves
 
 examples:
   trainkit train +experiment=nmt_base
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     commands: dict[str, Callable[[list[str]], int]] = {
         "train": run_train, "validate": run_validate, "eval": run_eval, "translate": run_translate,
-        "export": run_export,
+        "export": run_export, "report": run_report,
     }
     command = commands.get(argv[0])
     if command is None:
@@ -100,8 +101,12 @@ def explain(error: BaseException) -> tuple[int, str]:
     key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
     if key_error is not None:
         return EXIT_USAGE, explain_key_error(error, key_error)
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
+    if os_error is not None:
+        return EXIT_USAGE, f"cannot use {os_error.filename}: {os_error.strerror or os_error}"
     if any(isinstance(e, (HydraException, OmegaConfBaseException)) for e in chain):
-        lines = [line.strip() for line in str(error).split("\n") if line.strip()]
+        text = str(error).split("Config search path")[0]
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
         return EXIT_USAGE, " ".join(lines[:12])
     return EXIT_FAILED, f"{type(error).__name__}: {error}"
 
@@ -272,4 +277,15 @@ def run_export(args: list[str]) -> int:
         raise ConfigError(f"export: ckpt=PATH and format={'|'.join(EXTENSIONS)} are required")
     for path in export_checkpoint(options["ckpt"], options["format"], options.get("out")):
         print(f"wrote {path}")
+    return 0
+
+
+# report -----------------------------------------------------------------------------------------
+def run_report(args: list[str]) -> int:
+    from trainkit.report import report
+
+    if not args or "=" in args[0]:
+        raise ConfigError("report: give a sweep or run directory: trainkit report DIR [out=FILE.png]")
+    options = parse_pairs(args[1:], {"out": "picture path"}, "report")
+    report(args[0], options.get("out"))
     return 0

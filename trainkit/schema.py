@@ -35,6 +35,8 @@ class TrainerConfig:
     early_stopping_min_delta: float = 0.0  # smallest change that counts as improvement
     save_top_k: int = 1  # best checkpoints kept besides best.pt/last.pt (1: best.pt only)
     test_after_fit: bool = True  # evaluate best.pt on the test split at the end
+    nan_policy: str = "error"  # error: stop before a non-finite update | skip: drop that update
+    max_consecutive_skips: int = 5  # skip: stop after this many non-finite steps in a row
 
 
 @dataclass
@@ -133,6 +135,8 @@ def check_values(cfg: Any) -> list[ConfigError]:
         value = t[key]
         need(value is None or value >= 1, f"trainer.{key}={value}: must be at least 1 or null")
     need(t.monitor_mode in ("min", "max"), f"trainer.monitor_mode={t.monitor_mode!r}: must be 'min' or 'max'")
+    need(t.nan_policy in ("error", "skip"), f"trainer.nan_policy={t.nan_policy!r}: must be 'error' or 'skip'")
+    need(t.max_consecutive_skips >= 1, f"trainer.max_consecutive_skips={t.max_consecutive_skips}: must be at least 1")
     need(t.save_top_k >= 1, f"trainer.save_top_k={t.save_top_k}: must be at least 1")
     need(cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1")
     need(cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps")
