@@ -188,9 +188,7 @@ class Trainer:
         for index, (batch, count) in enumerate(zip(micro_batches, counts)):
             batch = move_to(batch, self.device)
             with self.dist.no_sync(model, skip_sync=index < len(micro_batches) - 1):
-                with self.precision.autocast():
-                    loss_sum, terms = self.task.loss_sum(model, batch)
-                scaler.scale(loss_sum / normaliser).backward()
+                loss_sum, terms = self.task.forward_backward(model, batch, normaliser, self.precision)
             self.meter.add(loss_sum.detach(), count, terms)
             self.epoch_meter.add(loss_sum.detach(), count)
         scaler.unscale_(self.optimizer)

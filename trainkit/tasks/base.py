@@ -36,6 +36,15 @@ class Task:
         """The loss summed over the batch, and named extra terms (also sums) to log."""
         raise NotImplementedError
 
+    def forward_backward(self, model: nn.Module, batch: Any, normaliser: float,
+                         precision: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward under autocast, backward of ``loss_sum / normaliser`` through the scaler.
+        Tasks that need another order of work (gradient caching) override this."""
+        with precision.autocast():
+            loss_sum, terms = self.loss_sum(model, batch)
+        precision.scaler.scale(loss_sum / normaliser).backward()
+        return loss_sum, terms
+
     # Evaluation: loss through ``loss_sum``; metrics are accumulated only here.
     def eval_start(self, device: torch.device) -> None:
         """Reset metric state before an evaluation pass."""
