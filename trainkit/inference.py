@@ -41,6 +41,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", device: str = "cp
     state, cfg = read_checkpoint(path)
     if batch_size is not None:
         cfg.data.batch_size = batch_size
+    if cfg.get("finetune") is None and "init_from" in cfg:
+        cfg.init_from = None  # the checkpoint holds every weight; only LoRA needs its base
     parts = build(cfg, cfg.seed, data_state=state.get("data"))
     loader = parts.data.loader(split)
     if loader is None:
@@ -68,6 +70,10 @@ def load_translator(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
         raise ConfigError(f"translate: checkpoint {path} holds no tokenizer (not a translation model)")
     tokenizer = tokenizer_from_state(tokenizer_state)
     model = instantiate(cfg.model, "model", runtime_for(tokenizer))
+    if cfg.get("finetune") is not None:
+        from trainkit.lora import apply_finetune
+
+        model = apply_finetune(cfg, model)  # the frozen base from init_from, then the adapters
     load_weights(model, state["model"], path)
     return model.to(device).eval(), tokenizer
 

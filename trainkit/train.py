@@ -168,10 +168,11 @@ class Trainer:
             self.logger.close()
             raise Preempted(f"stopped at step {state.global_step} on request; last.pt is resumable (resume=auto)")
         state.stop_reason = state.stop_reason or "finished"
+        improved = False
         if val_loader is not None and self.last_eval_step != state.global_step:
-            self.validate(val_loader)
-        if self.last_save_step != state.global_step:
-            self.save()
+            improved = self.validate(val_loader)
+        if improved or self.last_save_step != state.global_step:
+            self.save(best=improved)
         self.call("on_fit_end")
         return self.history
 

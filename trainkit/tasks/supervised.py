@@ -42,21 +42,23 @@ class SupervisedTask(Task):
             metric.update(output, targets)
 
 
-def metric_factories(kind: str, num_classes: int | None) -> dict[str, Callable[[], Any]]:
+METRICS = {"classification": ("accuracy", "f1_macro", "top5_accuracy"), "regression": ("mse", "mae", "r2")}
+
+
+def make_metric(name: str, num_classes: int | None) -> Any:
+    """A torchmetrics metric by name; torchmetrics (slow to import) loads at the first evaluation."""
     import torchmetrics
 
-    if kind == "classification":
-        multiclass = dict(task="multiclass", num_classes=num_classes)
-        return {
-            "accuracy": lambda: torchmetrics.Accuracy(**multiclass),
-            "f1_macro": lambda: torchmetrics.F1Score(average="macro", **multiclass),
-            "top5_accuracy": lambda: torchmetrics.Accuracy(top_k=min(5, num_classes), **multiclass),
-        }
-    return {
-        "mse": lambda: torchmetrics.MeanSquaredError(),
-        "mae": lambda: torchmetrics.MeanAbsoluteError(),
-        "r2": lambda: torchmetrics.R2Score(),
+    multiclass = dict(task="multiclass", num_classes=num_classes)
+    factories: dict[str, Callable[[], Any]] = {
+        "accuracy": lambda: torchmetrics.Accuracy(**multiclass),
+        "f1_macro": lambda: torchmetrics.F1Score(average="macro", **multiclass),
+        "top5_accuracy": lambda: torchmetrics.Accuracy(top_k=min(5, num_classes or 5), **multiclass),
+        "mse": torchmetrics.MeanSquaredError,
+        "mae": torchmetrics.MeanAbsoluteError,
+        "r2": torchmetrics.R2Score,
     }
+    return factories[name]()
 
 
 class _NamedMetricsTask(MetricsMixin, SupervisedTask):
@@ -64,15 +66,14 @@ class _NamedMetricsTask(MetricsMixin, SupervisedTask):
 
     def __init__(self, loss_fn: Callable, metrics: Sequence[str] = (), num_classes: int | None = None):
         super().__init__(loss_fn)
-        available = metric_factories(self.kind, num_classes)
-        unknown = [name for name in metrics if name not in available]
+        unknown = [name for name in metrics if name not in METRICS[self.kind]]
         if unknown:
-            raise ConfigError(f"task.metrics: unknown {self.kind} metric {unknown[0]!r}; choose from {sorted(available)}")
+            raise ConfigError(f"task.metrics: unknown {self.kind} metric {unknown[0]!r}; choose from {list(METRICS[self.kind])}")
         self.metric_names = list(metrics)
-        self._factories = available
+        self.num_classes = num_classes
 
     def make_metrics(self) -> dict[str, Any]:
-        return {name: self._factories[name]() for name in self.metric_names}
+        return {name: make_metric(name, self.num_classes) for name in self.metric_names}
 
 
 class ClassificationTask(_NamedMetricsTask):
