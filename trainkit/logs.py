@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ class RunLogger:
         self.use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
         self._writer = None
         self._jsonl = None
+        self.started = time.monotonic()  # metrics.jsonl's time_s counts from here
         self._bar = None
 
     # Files --------------------------------------------------------------------------------
@@ -40,7 +42,8 @@ class RunLogger:
             return
         if self._jsonl is None:
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        record = {"step": step, "epoch": epoch, **{k: _finite_or_str(v) for k, v in metrics.items()}}
+        record = {"step": step, "epoch": epoch, "time_s": round(time.monotonic() - self.started, 3),
+                  **{k: _finite_or_str(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         writer = self.writer()

@@ -20,6 +20,11 @@ from trainkit.errors import ConfigError
 
 
 @dataclass
+class GradientCacheConfig:
+    chunk_size: int | None = None  # samples per encoder pass (task=contrastive): memory of a chunk, negatives of the batch; null: off
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int | None = None  # optimizer steps; when set it wins over max_epochs
@@ -37,6 +42,11 @@ class TrainerConfig:
     test_after_fit: bool = True  # evaluate best.pt on the test split at the end
     nan_policy: str = "error"  # error: stop before a non-finite update | skip: drop that update
     max_consecutive_skips: int = 5  # skip: stop after this many non-finite steps in a row
+    profile: bool = False  # torch.profiler trace of a few steps into <run dir>/profile/
+    profile_wait_steps: int = 5
+    profile_warmup_steps: int = 2
+    profile_active_steps: int = 5
+    gradient_cache: GradientCacheConfig = field(default_factory=GradientCacheConfig)  # Gao et al. 2021; read by task=contrastive
 
 
 @dataclass
@@ -61,6 +71,7 @@ class DeviceConfig:
 class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool | None = None  # null: a bar in a terminal, plain lines otherwise
+    histograms_every_n_steps: int | None = None  # per-layer weight/grad histograms; null: off (free)
 
 
 @dataclass

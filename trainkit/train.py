@@ -37,8 +37,10 @@ from torch import nn
 
 from trainkit import checkpoint
 from trainkit.__about__ import __version__
+from trainkit.callbacks import Callback
 from trainkit.distributed import Dist, sum_number
 from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError
+from trainkit.insight import LayerStats, Profiler
 from trainkit.logs import RunLogger
 from trainkit.precision import Precision, resolve_device
 from trainkit.schema import TrainerConfig
@@ -112,7 +114,8 @@ class Trainer:
                  precision: str | Precision = "fp32", device: str | torch.device | None = None,
                  dist: Dist | None = None, run_dir: str | Path | None = None,
                  callbacks: Sequence[Any] = (), logger: RunLogger | None = None,
-                 config_yaml: str = "", extra_state: dict[str, Any] | None = None, **options: Any):
+                 config_yaml: str = "", extra_state: dict[str, Any] | None = None,
+                 histograms_every_n_steps: int | None = None, **options: Any):
         unknown = set(options) - set(TrainerConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"Trainer: unknown option(s) {sorted(unknown)}; valid: {sorted(TrainerConfig.__dataclass_fields__)}")
@@ -132,7 +135,9 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
-        self.callbacks = list(callbacks)
+        # A task that is also a Callback (the VAE's beta controller) gets the hooks first, and
+        # its state is saved in checkpoints like any callback's.
+        self.callbacks = [*([self.task] if isinstance(self.task, Callback) else []), *callbacks]
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.config_yaml, self.extra_state = config_yaml, extra_state or {}
         self.state = TrainerState(world_size=self.dist.world_size)
@@ -143,6 +148,7 @@ class Trainer:
         self.last_eval_step = self.last_save_step = -1
         self.train_seconds = self.train_units = 0.0
         self.stop_requested = False
+        self.layer_stats = LayerStats(histograms_every_n_steps, self.logger)
 
     # The loop -------------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -153,17 +159,21 @@ class Trainer:
             len(train_loader) / options.grad_accum_steps)
         self.call("on_fit_start")
         self.logger.start_progress(self.total_steps, state.global_step)
+        profiler = Profiler(options.profile, self.run_dir, options.profile_wait_steps,
+                            options.profile_warmup_steps, options.profile_active_steps)
         with stop_signals(self):
             while state.stop_reason is None and not self.finished():
                 set_epoch(train_loader, state.epoch, state.batch_in_epoch)
                 for micro_batches in chunked(train_loader, options.grad_accum_steps):
                     self.train_step(micro_batches)
+                    profiler.step()
                     state.batch_in_epoch += len(micro_batches)
                     self.after_step(val_loader)
                     if state.stop_reason is not None:
                         break
                 else:
                     self.after_epoch(val_loader)
+        profiler.stop()
         if state.stop_reason == "preempted":
             self.logger.close()
             raise Preempted(f"stopped at step {state.global_step} on request; last.pt is resumable (resume=auto)")
@@ -194,6 +204,7 @@ class Trainer:
             self.epoch_meter.add(loss_sum.detach(), count)
         scaler.unscale_(self.optimizer)
         self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
+        self.layer_stats.maybe_log(self.model, self.state.global_step + 1)
         if self.update_is_finite():
             scaler.step(self.optimizer)
             scaler.update()
@@ -608,6 +619,7 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
             parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
             dist=dist, run_dir=run_dir, callbacks=parts.callbacks, logger=logger,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data),
+            histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
             **OmegaConf.to_container(cfg.trainer),
         )
         logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
