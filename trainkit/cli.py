@@ -153,20 +153,15 @@ def run_train(args: list[str]) -> int:
     from trainkit.schema import register_schema
 
     register_schema()
-    outcome: dict[str, object] = {}
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
     def train(cfg) -> float | None:
         from trainkit.sweep import run_job
         from trainkit.train import train_model
 
-        def train_and_keep(job_cfg):
-            outcome["result"] = result = train_model(job_cfg)
-            return result
-
         # The monitored metric, the objective a sweeper optimises; a multirun job that fails
         # is recorded in the sweep's summary and returns None instead of ending the sweep.
-        return run_job(cfg, train_and_keep)
+        return run_job(cfg, train_model)
 
     from trainkit import distributed
 

@@ -74,30 +74,23 @@ def run_job(cfg: Any, train_fn: Callable[[Any], Any]) -> float | None:
     job_dir = Path(hydra.runtime.output_dir)
     record = {"job": hydra.job.num, "overrides": list(hydra.overrides.task), "status": "running",
               "error": None, "monitor": cfg.trainer.monitor, "monitor_mode": cfg.trainer.monitor_mode}
+    rerun = (f"rerun the same command with hydra.sweep.dir={hydra.sweep.dir} to finish the sweep"
+             if hydra.sweeper._target_.endswith("BasicSweeper")  # a grid: job N is the same job every time
+             else f"the sweep stopped; its jobs so far are in {hydra.sweep.dir}")
     if _stopped:
-        raise Preempted(f"job {record['job']} not started: the sweep was stopped; rerun it to continue")
-    previous = read_json(job_dir / JOB_FILE)
-    if previous is not None and sorted(previous["overrides"]) != sorted(record["overrides"]):
-        raise ConfigError(
-            f"{job_dir} holds job {previous['job']} of another sweep (overrides: {' '.join(previous['overrides'])}); "
-            "rerun the same command to resume it, or choose a new hydra.sweep.dir")
-    done = read_json(job_dir / "result.json") if previous is not None else None
-    if done is not None:
-        log.info("job %s finished in an earlier run (%s): skipped", record["job"], job_dir / "result.json")
-        write_json(job_dir / JOB_FILE, {**record, "status": "ok"})
-        return done["best_metric"]
-    last = job_dir / "checkpoints" / "last.pt"
-    if previous is not None and last.exists():
-        log.info("job %s: continuing from %s", record["job"], last)
-        cfg.resume = str(last)
+        raise Preempted(f"job {record['job']} not started: the sweep was stopped; {rerun}")
+    finished = earlier_result(job_dir, record, cfg)
+    if finished is not None:
+        return finished["best_metric"]
     record["torch_threads"] = limit_threads(hydra.launcher)
     write_json(job_dir / JOB_FILE, record)
     try:
         result = train_fn(cfg)
-    except Preempted:
+    except Preempted as error:
         _stopped = True
         write_json(job_dir / JOB_FILE, {**record, "status": "preempted"})
-        raise
+        last = job_dir / "checkpoints" / "last.pt"
+        raise Preempted(f"job {record['job']} stopped on request ({last} is resumable); {rerun}") from error
     except Exception as error:  # a failed job is a row of the table, not the end of the sweep
         from trainkit.cli import explain
 
@@ -107,6 +100,29 @@ def run_job(cfg: Any, train_fn: Callable[[Any], Any]) -> float | None:
         return None
     write_json(job_dir / JOB_FILE, {**record, "status": "ok"})
     return result.best_metric
+
+
+def earlier_result(job_dir: Path, record: dict[str, Any], cfg: Any) -> dict[str, Any] | None:
+    """What an earlier run of the sweep left in ``job_dir``: the job's result.json when it
+    finished (the job is then skipped); otherwise ``cfg.resume`` is pointed at its last.pt, if
+    any. A directory that holds a job with other overrides is refused (ConfigError)."""
+    previous = read_json(job_dir / JOB_FILE)
+    if previous is None:
+        return None
+    if sorted(previous["overrides"]) != sorted(record["overrides"]):
+        raise ConfigError(
+            f"{job_dir} holds job {previous['job']} of another sweep (overrides: {' '.join(previous['overrides'])}); "
+            "rerun the same command to resume it, or choose a new hydra.sweep.dir")
+    result = read_json(job_dir / "result.json")
+    if result is not None:
+        log.info("job %s finished in an earlier run (%s): skipped", record["job"], job_dir / "result.json")
+        write_json(job_dir / JOB_FILE, {**record, "status": "ok"})
+        return result
+    last = job_dir / "checkpoints" / "last.pt"
+    if last.exists():
+        log.info("job %s: continuing from %s", record["job"], last)
+        cfg.resume = str(last)
+    return None
 
 
 def limit_threads(launcher: Any) -> int:
@@ -162,12 +178,16 @@ def collect_rows(sweep_dir: Path) -> list[JobRow]:
             continue
         result = read_json(record_path.parent / "result.json") or {}
         status = record["status"] if record["status"] != "failed" else f"failed: {record['error']}"
-        metrics = {k: v for part in ("final", "test") for k, v in (result.get(part) or {}).items()
-                   if not k.endswith("/epoch_loss")}
         rows.append(JobRow(record["job"], record["overrides"], status, record["monitor"], record["monitor_mode"],
-                           result.get("best_metric") if record["status"] == "ok" else None, metrics,
-                           record_path.parent))
+                           result.get("best_metric") if record["status"] == "ok" else None,
+                           result_metrics(result), record_path.parent))
     return sort_rows(rows)
+
+
+def result_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The final validation and the test metrics of a result.json (val/epoch_loss repeats val/loss)."""
+    return {k: v for part in ("final", "test") for k, v in (result.get(part) or {}).items()
+            if not k.endswith("/epoch_loss")}
 
 
 def sort_rows(rows: list[JobRow]) -> list[JobRow]:
@@ -210,17 +230,18 @@ def table(rows: list[JobRow], root: Path) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
-def to_markdown(rows: list[JobRow], root: Path) -> str:
+def to_markdown(rows: list[JobRow], root: Path, kind: str = "Sweep") -> str:
     """A readable table: the overrides common to all jobs once above it, the swept ones as columns."""
     header, cells = table(rows, root)
     swept = set(swept_keys(rows))
     common = [o for o in rows[0].overrides if split_override(o)[0] not in swept]
     counts = Counter(row.status.split(":")[0] for row in rows)
-    lines = [f"# Sweep {root}", "",
-             f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}), "
-             f"best first by {rows[0].monitor} ({rows[0].monitor_mode}).", ""]
+    lines = [f"# {kind} {root}", ""]
+    if kind == "Sweep":
+        lines += [f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}), "
+                  f"best first by {rows[0].monitor} ({rows[0].monitor_mode}).", ""]
     if common:
-        lines += [f"Common overrides: `{' '.join(common)}`", ""]
+        lines += [f"{'Common overrides' if len(rows) > 1 else 'Overrides'}: `{' '.join(common)}`", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---:" if name == "job" or "/" in name else "---" for name in header) + "|")
     lines += ["| " + " | ".join(readable(cell).replace("|", "\\|") for cell in line) + " |" for line in cells]
@@ -251,6 +272,11 @@ class SweepSummary(Callback):
     """Hydra callback: the sweep root's summary, rewritten whenever a job ends."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from trainkit.schema import START_TIME
+
+        # Jobs in other processes (joblib, submitit) resolve ${trainkit_now:...} from this
+        # variable, which they inherit: every job lands in this one sweep dir.
+        os.environ.setdefault("TRAINKIT_RUN_TIME", str(START_TIME))
         # The Optuna sweeper opens its sqlite study inside the sweep dir before any job makes it.
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
