@@ -91,10 +91,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).split("\n")[0]
+        unsupported = [line.strip() for line in str(error).split("\n") if "Unsupported global" in line]
+        if not unsupported:  # not a pickle of anything: junk or a broken file
+            raise ConfigError(f"checkpoint {path}: unreadable, truncated or corrupt (not a torch checkpoint)") from None
         raise ConfigError(
             f"checkpoint {path}: refused, it needs arbitrary unpickling, which could run code "
-            f"({reason}); trainkit loads only plain tensors and containers"
+            f"({unsupported[0]}); trainkit loads only plain tensors and containers"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         reason = str(error).split("\n")[0]

@@ -101,6 +101,9 @@ def explain(error: BaseException) -> tuple[int, str]:
     key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
     if key_error is not None:
         return EXIT_USAGE, explain_key_error(error, key_error)
+    yaml_error = next((e for e in chain if type(e).__module__.startswith("yaml")), None)
+    if yaml_error is not None:
+        return EXIT_USAGE, "invalid YAML: " + " ".join(str(yaml_error).split())
     os_error = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
     if os_error is not None:
         return EXIT_USAGE, f"cannot use {os_error.filename}: {os_error.strerror or os_error}"
@@ -236,8 +239,11 @@ def run_eval(args: list[str]) -> int:
                                  "batch_size": "override"}, "eval")
     if "ckpt" not in options:
         raise ConfigError("eval: ckpt=PATH is required (for example ckpt=outputs/<name>/<time>/checkpoints/best.pt)")
-    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"),
-                        int(options["batch_size"]) if "batch_size" in options else None)
+    try:
+        batch_size = int(options["batch_size"]) if "batch_size" in options else None
+    except ValueError:
+        raise ConfigError(f"eval: batch_size={options['batch_size']!r} must be a whole number") from None
+    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"), batch_size)
     return 0
 
 

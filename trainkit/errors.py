@@ -42,7 +42,12 @@ class TrainingFailed(TrainkitError):
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most like ``name``, or None when nothing is close."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    candidates = [str(c) for c in candidates]
+    # A misremembered part of a longer name (patience -> early_stopping_patience) first.
+    containing = sorted((c for c in candidates if name and name in c.split("_") + [c]), key=len)
+    if containing:
+        return containing[0]
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return matches[0] if matches else None
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -132,6 +132,11 @@ def check_values(cfg: Any) -> list[ConfigError]:
     """Range and choice checks the types alone cannot express; every problem, not the first."""
     t = cfg.trainer
     problems = []
+    for section in ("trainer", "distributed", "precision", "device", "logging"):
+        valid = schema_keys(section) or []
+        for key in cfg.get(section) or {}:  # `+trainer.x=...` gets past struct mode
+            if key not in valid:
+                problems.append(ConfigError(f"unknown key '{section}.{key}'{did_you_mean(str(key), valid, section + '.')}"))
 
     def need(ok: bool, message: str) -> None:
         if not ok:

@@ -39,7 +39,7 @@ from trainkit import checkpoint
 from trainkit.__about__ import __version__
 from trainkit.callbacks import Callback
 from trainkit.distributed import Dist, sum_number
-from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError
+from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError, did_you_mean
 from trainkit.insight import LayerStats, Profiler
 from trainkit.logs import RunLogger
 from trainkit.precision import Precision, resolve_device
@@ -116,9 +116,10 @@ class Trainer:
                  callbacks: Sequence[Any] = (), logger: RunLogger | None = None,
                  config_yaml: str = "", extra_state: dict[str, Any] | None = None,
                  histograms_every_n_steps: int | None = None, **options: Any):
-        unknown = set(options) - set(TrainerConfig.__dataclass_fields__)
+        unknown = sorted(set(options) - set(TrainerConfig.__dataclass_fields__))
         if unknown:
-            raise ConfigError(f"Trainer: unknown option(s) {sorted(unknown)}; valid: {sorted(TrainerConfig.__dataclass_fields__)}")
+            hint = did_you_mean(unknown[0], TrainerConfig.__dataclass_fields__, "trainer.")
+            raise ConfigError(f"unknown key 'trainer.{unknown[0]}'{hint}")
         self.options = TrainerConfig(**options)
         self.dist = dist or Dist(device=resolve_device(str(device or "cpu")))
         self.device = self.dist.device
