@@ -150,7 +150,10 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
     scheduler = None
     if cfg.get("scheduler") is not None:
         scheduler = instantiate(cfg.scheduler, "scheduler", scheduler_runtime, optimizer=optimizer)
-    callbacks = [instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    # A callback may ask for its key (name) and the run's length (a curriculum schedule does).
+    callbacks = [instantiate(node, f"callbacks.{name}", {"name": name, "steps_per_epoch": steps_per_epoch,
+                                                          "total_steps": total_steps})
+                 for name, node in (cfg.get("callbacks") or {}).items()]
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
 
 

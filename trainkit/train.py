@@ -359,9 +359,10 @@ class Trainer:
     def test(self, loader: Iterable, use_best: bool = True) -> dict[str, float]:
         """Metrics on the test split, with best.pt's weights when there is one."""
         best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
-        if use_best and best is not None and best.exists():
-            self.dist.barrier()
-            self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
+        if use_best and best is not None:
+            self.dist.barrier()  # every rank, before looking: rank 0 may still be writing best.pt
+            if best.exists():
+                self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
         return self.evaluate(loader, "test")
 
     # Checkpoints ----------------------------------------------------------------------------

@@ -2,5 +2,6 @@
 
 from trainkit.models.mlp import MLP
 from trainkit.models.transformer import Transformer
+from trainkit.models.vae import VAE
 
-__all__ = ["MLP", "Transformer"]
+__all__ = ["MLP", "Transformer", "VAE"]

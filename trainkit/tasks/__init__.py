@@ -2,6 +2,7 @@
 
 from trainkit.tasks.base import ModelLossTask, Task
 from trainkit.tasks.supervised import ClassificationTask, RegressionTask, SupervisedTask
+from trainkit.tasks.vae import VAETask
 
 __all__ = [
     "ClassificationTask",
@@ -10,6 +11,7 @@ __all__ = [
     "Seq2SeqTask",
     "SupervisedTask",
     "Task",
+    "VAETask",
 ]
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainkit.errors import ConfigError
+
 
 def first_tensor(batch: Any) -> Tensor:
     if isinstance(batch, Tensor):
@@ -82,11 +84,25 @@ class MetricsMixin:
 class ModelLossTask(Task):
     """For models whose forward returns their own (mean) loss, as Hugging Face models do.
 
-    The batch is passed as keyword arguments (a dict) or positionally; the loss is read
-    from ``output.loss`` or ``output["loss"]`` and scaled by the batch size into a sum.
+    The batch is passed as keyword arguments (a dict), positionally (a tuple) or as is (a
+    tensor); the loss is read from ``output.loss`` or ``output["loss"]`` and scaled by the
+    batch size into a sum. ``task=model_loss`` is used without a loss (``~loss``).
     """
 
+    def __init__(self, loss_fn: Any = None):
+        if loss_fn is not None:
+            raise ConfigError(f"task=model_loss: the model computes its own loss, so loss must be null "
+                              f"(got loss {type(loss_fn).__name__}); remove it with ~loss on the command "
+                              "line, or '- override /loss: null' in an experiment's defaults")
+
     def loss_sum(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        output = model(**batch) if isinstance(batch, dict) else model(*batch)
-        loss = output["loss"] if isinstance(output, dict) else output.loss
+        if isinstance(batch, dict):
+            output = model(**batch)
+        else:
+            output = model(batch) if isinstance(batch, Tensor) else model(*batch)
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None:
+            raise ConfigError(f"task=model_loss: the model's output ({type(output).__name__}) has no loss; its "
+                              "forward must return one as output.loss or output['loss'] (a Hugging Face model "
+                              "needs labels in the batch)")
         return loss * self.count(batch), {}

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from trainkit.errors import ConfigError
+from trainkit.losses import loss_and_terms
 from trainkit.tasks.base import MetricsMixin, Task
 
 
@@ -29,7 +30,8 @@ class SupervisedTask(Task):
 
     def loss_sum(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         inputs, targets = batch
-        return self.loss_fn(model(inputs), targets), {}
+        # A composite loss hands back its named terms too (logged as train/loss/<name>).
+        return loss_and_terms(self.loss_fn, model(inputs), targets)
 
     def eval_step(self, model: nn.Module, batch: Any) -> Tensor:
         inputs, targets = batch
