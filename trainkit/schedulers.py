@@ -13,6 +13,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 
+def check_warmup(warmup_steps: int, total_steps: int | None, minimum: int) -> None:
+    """A warm-up longer than the run never reaches its peak: a config mistake."""
+    if warmup_steps < minimum or (total_steps is not None and warmup_steps > total_steps):
+        raise ValueError(f"warmup_steps={warmup_steps} must be between {minimum} and the run's "
+                         f"{total_steps} optimizer steps")
+
+
 class Constant(LRScheduler):
     """The optimizer's own learning rate, unchanged."""
 
@@ -33,10 +40,7 @@ class WarmupCosine(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
                  min_lr: float = 0.0, last_epoch: int = -1):
-        if warmup_steps < 0 or warmup_steps > total_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} must be between 0 and the run's {total_steps} optimizer steps"
-            )
+        check_warmup(warmup_steps, total_steps, minimum=0)
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.min_lr = min_lr
@@ -60,12 +64,7 @@ class Noam(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, d_model: int, warmup_steps: int = 4000,
                  factor: float = 1.0, total_steps: int | None = None, last_epoch: int = -1):
-        if warmup_steps < 1:
-            raise ValueError(f"warmup_steps={warmup_steps} must be at least 1")
-        if total_steps is not None and warmup_steps > total_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} is larger than the run's {total_steps} optimizer steps"
-            )
+        check_warmup(warmup_steps, total_steps, minimum=1)
         self.d_model = d_model
         self.warmup_steps = warmup_steps
         self.factor = factor

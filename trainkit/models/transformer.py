@@ -159,10 +159,17 @@ class FeedForward(nn.Module):
 
 
 class _Residual(nn.Module):
-    """Base for layers: one place that decides between pre-norm and post-norm wiring."""
+    """Base for layers: self-attention and feed-forward sublayers, and the one place that
+    decides between pre-norm and post-norm wiring."""
 
-    norm_first: bool
-    dropout: nn.Dropout
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ffn = FeedForward(d_model, ffn_dim, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
 
     def _residual(
         self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]
@@ -173,17 +180,6 @@ class _Residual(nn.Module):
 
 
 class EncoderLayer(_Residual):
-    def __init__(
-        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool
-    ) -> None:
-        super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.ffn = FeedForward(d_model, ffn_dim, dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         x = self._residual(
             x, self.norm1, lambda h: self.self_attn(h, *self.self_attn.project_kv(h), attn_mask)
@@ -195,15 +191,9 @@ class DecoderLayer(_Residual):
     def __init__(
         self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool
     ) -> None:
-        super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        super().__init__(d_model, num_heads, ffn_dim, dropout, norm_first)
         self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.ffn = FeedForward(d_model, ffn_dim, dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
 
     def _self_attention(
         self, h: Tensor, attn_mask: Tensor | None, cache: LayerCache | None
