@@ -14,11 +14,11 @@ from trainkit.models import MLP
 class SignalAtStep(Callback):
     """Send a signal to this very process after optimizer step ``step``."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM"):
-        self.step, self.signal = step, getattr(signal, signal_name)
+    def __init__(self, step: int, signal_name: str = "SIGTERM", rank: int | None = None):
+        self.step, self.signal, self.rank = step, getattr(signal, signal_name), rank
 
     def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
+        if trainer.state.global_step == self.step and self.rank in (None, trainer.dist.rank):
             os.kill(os.getpid(), self.signal)
 
 

@@ -115,6 +115,18 @@ def test_a_restarted_worker_continues_from_the_last_checkpoint(tmp_path):
     assert resumed["global_step"] == 40 and "resumed from" in (second / "train.log").read_text()
 
 
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    out = trainkit(tmp_path, "train", "+experiment=digits_mlp", "distributed.nproc_per_node=2",
+                   "+callbacks.term={_target_: fault_helpers.SignalAtStep, step: 7, rank: 1}")
+    assert out.returncode == 75, out.stderr[-3000:]
+    (run,) = run_dirs(tmp_path, "digits_mlp")
+    state = torch.load(run / "checkpoints/last.pt", weights_only=True)["trainer_state"]
+    assert state["global_step"] == 7 and state["world_size"] == 2
+    out = trainkit(tmp_path, "train", "+experiment=digits_mlp", "distributed.nproc_per_node=2", "resume=auto",
+                   "trainer.max_epochs=1", "scheduler=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_resume_with_another_world_size_mid_epoch_is_refused(tmp_path):
     out = trainkit(tmp_path, "train", "+experiment=digits_mlp", "distributed.nproc_per_node=2",
                    "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 3}")

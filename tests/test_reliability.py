@@ -135,3 +135,12 @@ def test_nan_policy_skip_gives_up_after_consecutive_skips(compose, tmp_path):
     with pytest.raises(TrainingFailed, match="in a row"):
         train_model(compose([*DIGITS, "optimizer.lr=1e30", "scheduler=none", "trainer.clip_grad_norm=null",
                              "trainer.nan_policy=skip", "trainer.max_consecutive_skips=3"]), run_dir=tmp_path / "run")
+
+
+def test_old_torch_is_refused(monkeypatch, tmp_path):
+    import trainkit.checkpoint as checkpoint_module
+    from trainkit.errors import ConfigError
+
+    monkeypatch.setattr(checkpoint_module.torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(ConfigError, match=r"torch 2.5.1\+cpu is too old: trainkit needs torch >= 2.6"):
+        checkpoint_module.load(tmp_path / "any.pt")
