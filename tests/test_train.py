@@ -168,3 +168,14 @@ def test_top_k_checkpoints_are_kept(compose, tmp_path):
 def test_reduced_precision_trains(compose, tmp_path, precision):
     result = run(compose, tmp_path, precision, f"precision={precision}", "trainer.max_epochs=3")
     assert result.best_metric > 0.8
+
+
+def test_callback_state_is_saved_and_restored(compose, tmp_path):
+    count = "+callbacks.count={_target_: ddp_helpers.CountSteps}"
+    with pytest.raises(Preempted):
+        run(compose, tmp_path, "first", count, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 7}")
+    state = torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)
+    assert state["callbacks"]["CountSteps"] == {"steps": 7}
+    run(compose, tmp_path, "second", count, "trainer.max_epochs=1", "resume=auto")
+    final = torch.load(tmp_path / "second/checkpoints/last.pt", weights_only=True)
+    assert final["callbacks"]["CountSteps"] == {"steps": 20}  # 7 before the stop + 13 after
