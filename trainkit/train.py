@@ -21,17 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +37,18 @@ from trainkit.distributed import Dist, sum_number
 from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError, did_you_mean
 from trainkit.insight import LayerStats, Profiler
 from trainkit.logs import RunLogger
+from trainkit.loop_parts import (
+    LossMeter,
+    Schedule,
+    chunked,
+    clip_gradients,
+    load_weights,
+    move_to,
+    peak_memory_mb,
+    seed_everything,
+    set_epoch,
+    stop_signals,
+)
 from trainkit.precision import Precision, resolve_device
 from trainkit.schema import TrainerConfig
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
@@ -441,158 +448,6 @@ class Trainer:
             method = getattr(callback, hook, None)
             if method is not None:
                 method(self, *args)
-
-
-# Small pieces the loop uses ---------------------------------------------------------------------
-class Schedule:
-    """Steps a per-step scheduler after every optimizer step, a plateau one after evaluation."""
-
-    def __init__(self, scheduler: Any, monitor: str):
-        self.scheduler, self.monitor = scheduler, monitor
-        self.on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-    def after_step(self) -> None:
-        if self.scheduler is not None and not self.on_metric:
-            self.scheduler.step()
-
-    def after_eval(self, metrics: dict[str, float]) -> None:
-        if self.on_metric:
-            self.scheduler.step(metrics[self.monitor])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scheduler is not None and state:
-            self.scheduler.load_state_dict(state)
-
-
-class LossMeter:
-    """Summed losses kept on the device and read only when logged (no per-step sync)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.terms: dict[str, torch.Tensor] = {}
-        self.units = 0.0
-        self.steps = 0
-        self.seconds = 0.0
-
-    def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
-        self.loss += loss_sum.double()
-        for name, value in (terms or {}).items():
-            self.terms[name] = self.terms.get(name, 0.0) + value.detach().double()
-        self.units += count
-
-    def add_step(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-
-    def read(self, dist: Dist) -> tuple[dict[str, float], float]:
-        """(mean loss and terms per unit over the window and all ranks, units counted); resets."""
-        names = sorted(self.terms)
-        units = torch.tensor(self.units, dtype=torch.float64, device=self.device)
-        packed = torch.stack([self.loss, units, *[self.terms[n].to(self.device) for n in names]])
-        totals = dist.sum(packed).tolist()  # .tolist() waits for the device
-        per_unit = max(totals[1], 1.0)
-        values = {"train/loss": totals[0] / per_unit}
-        values.update({f"train/loss/{n}": v / per_unit for n, v in zip(names, totals[2:])})
-        self.reset()
-        return values, totals[1]
-
-
-def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The total gradient norm (before clipping); clipped to ``max_norm`` unless it is None."""
-    parameters = [p for p in parameters if p.grad is not None]
-    if not parameters:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm
-
-
-def chunked(loader: Iterable, size: int) -> Iterator[list[Any]]:
-    """Group micro-batches into optimizer steps; the last group of an epoch may be shorter."""
-    group: list[Any] = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def set_epoch(loader: Iterable, epoch: int, start: int) -> None:
-    """Point a resumable batch plan at (epoch, first batch); other loaders restart the epoch."""
-    plan = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
-    if plan is not None and hasattr(plan, "set_epoch"):
-        try:
-            plan.set_epoch(epoch, start)
-        except TypeError:
-            plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
-    elif start:
-        log.warning("resuming mid-epoch with a loader that cannot skip batches: the epoch restarts")
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
-
-
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
-    """Load a state dict, or explain which parameter names and shapes do not match."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("shape mismatch", mismatched), ("missing in checkpoint", missing),
-                                      ("unexpected in checkpoint", unexpected)) if items]
-        raise ConfigError(f"{source}: the checkpoint's model does not match the configured model ({'; '.join(parts)})")
-    model.load_state_dict(weights)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-@contextmanager
-def stop_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM and SIGUSR1 ask the trainer to stop after the current step (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    names = [s for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]
-    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
-    for name in names:
-        signal.signal(getattr(signal, name), lambda signum, frame: trainer.request_stop())
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # train_model ------------------------------------------------------------------------------------
