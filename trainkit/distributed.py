@@ -186,3 +186,13 @@ def sum_number(dist: Dist, value: float) -> float:
     if not dist.enabled:
         return value
     return float(dist.sum(torch.tensor([float(value)], dtype=torch.float64, device=dist.comm_device)).item())
+
+
+def gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's list, concatenated in rank order (for exact metrics over samples that
+    each live on exactly one rank); the list itself when running alone."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return items
+    parts: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

@@ -34,10 +34,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainkit.distributed import gather_lists
 from trainkit.errors import ConfigError
 from trainkit.tasks.base import Task
 
@@ -171,16 +171,8 @@ class ContrastiveTask(Task):
         return self.loss_of(embeddings)
 
     def eval_metrics(self, loss: float) -> dict[str, float]:
-        embeddings = torch.cat(self.gather(self.embedded)) if self.embedded else torch.zeros(0, 2, 1)
+        embeddings = torch.cat(gather_lists(self.embedded)) if self.embedded else torch.zeros(0, 2, 1)
         if not len(embeddings):
             return {}
         return {"recall_at_1": recall_at_1(embeddings[:, 0], embeddings[:, 1])}
 
-    @staticmethod
-    def gather(parts: list[Tensor]) -> list[Tensor]:
-        """Every rank's validation embeddings (each image was on exactly one rank)."""
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
-            return parts
-        gathered: list[Any] = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(gathered, parts)
-        return [part for rank_parts in gathered for part in rank_parts]

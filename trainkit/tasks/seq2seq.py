@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from trainkit.data.tokenizers import Tokenizer
+from trainkit.distributed import gather_lists
 from trainkit.errors import ConfigError
 from trainkit.tasks.base import Task
 from trainkit.tasks.supervised import use_sum_reduction
@@ -79,7 +79,7 @@ class Seq2SeqTask(Task):
         metrics = {"perplexity": math.exp(min(loss, 50.0))} if "perplexity" in self.metric_names else {}
         if not self.decode:
             return metrics
-        hypotheses, references = self.gather(self.hypotheses), self.gather(self.references)
+        hypotheses, references = gather_lists(self.hypotheses), gather_lists(self.references)
         if "bleu" in self.metric_names:
             import sacrebleu
 
@@ -88,14 +88,6 @@ class Seq2SeqTask(Task):
             metrics["exact_match"] = sum(h == r for h, r in zip(hypotheses, references)) / max(1, len(references))
         return metrics
 
-    @staticmethod
-    def gather(items: list[str]) -> list[str]:
-        """Every rank's strings, in rank order (each sample was on exactly one rank)."""
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
-            return items
-        parts: list[Any] = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
 
     def eval_text(self) -> str | None:
         rows = zip(self.sources, self.hypotheses, self.references)
