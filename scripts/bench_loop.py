@@ -6,8 +6,16 @@ rounds. A contender records a timestamp after every optimizer step; warm-up step
 dropped and the median step time is reported, with the ratios trainkit/raw and
 trainkit/Lightning and trainkit's overhead per step in microseconds.
 
-    python scripts/bench_loop.py [--rounds 3] [--steps 300] [--cases mlp nmt] [--json out.json]
-    python scripts/bench_loop.py --worker trainkit mlp 300   # one measurement (internal)
+Two modes. ``separate``: each process runs one contender; step times are compared across
+processes, which on a shared machine differ by several percent from one process to the
+next. ``interleaved``: each process runs one contender and, after each of its steps, one
+step of a raw loop on its own copy of the model and batches (the "twin"); the contender's
+median step-time ratio to its twin cancels machine drift and process-to-process
+differences. The raw contender against its own twin is the control: its ratio shows the
+method's bias (ideally 1.00).
+
+    python scripts/bench_loop.py [--rounds 3] [--cases mlp nmt] [--modes separate interleaved] [--json out.json]
+    python scripts/bench_loop.py --worker trainkit mlp 300 [--twin]   # one measurement (internal)
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 WARMUP = 20
 
@@ -55,24 +64,63 @@ def batches_forever(loader):
         epoch += 1
 
 
-def run_raw(case: str, steps: int) -> list[float]:
+def raw_steps(case: str) -> Iterator[None]:
+    """The hand-written loop, one optimizer step per ``next()``."""
     import torch
 
     model, loader, _, task = make_case(case)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stamps = []
     model.train()
-    for _, batch in zip(range(steps), batches_forever(loader)):
+    for batch in batches_forever(loader):
         loss = task.loss_sum(model, batch)[0] / task.count(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stamps.append(time.perf_counter())
-    return stamps
+        yield
 
 
-def run_trainkit(case: str, steps: int) -> list[float]:
+class Clock:
+    """Step times of a contender, from a call at the end of each of its optimizer steps.
+
+    With ``twin`` (a raw loop on its own copy of the model and batches), every contender step
+    is followed by one raw step in the same process, so both see the same machine load,
+    memory and batch shapes; the contender's time runs from the end of the twin's step to
+    the end of its own next step, and the twin's is its own step.
+    """
+
+    def __init__(self, twin: Iterator[None] | None = None):
+        self.twin, self.own, self.paired = twin, [], []
+        self.mark: float | None = None
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if self.mark is not None:
+            self.own.append(now - self.mark)
+        if self.twin is not None:
+            next(self.twin)
+            end = time.perf_counter()
+            self.paired.append(end - now)
+            now = end
+        self.mark = now
+
+    def result(self) -> dict[str, float]:
+        own = self.own[WARMUP:]
+        out = {"median_s": statistics.median(own), "steps": len(own)}
+        if self.twin is not None:
+            twin = self.paired[WARMUP + 1:]  # aligned: own[i] ends just before paired[i + 1] starts
+            out["twin_median_s"] = statistics.median(twin)
+            out["ratio_to_twin"] = statistics.median(a / b for a, b in zip(own, twin))
+            out["diff_to_twin_s"] = statistics.median(a - b for a, b in zip(own, twin))
+        return out
+
+
+def run_raw(case: str, steps: int, clock: Clock) -> None:
+    for _ in zip(range(steps), raw_steps(case)):
+        clock()
+
+
+def run_trainkit(case: str, steps: int, clock: Clock) -> None:
     import torch
 
     from trainkit import Trainer
@@ -80,24 +128,21 @@ def run_trainkit(case: str, steps: int) -> list[float]:
 
     model, loader, _, task = make_case(case)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stamps: list[float] = []
 
     class Stamp(Callback):
         def on_step_end(self, trainer) -> None:
-            stamps.append(time.perf_counter())
+            clock()
 
     trainer = Trainer(model, optimizer, task=task, callbacks=[Stamp()], max_steps=steps, clip_grad_norm=1.0,
                       log_every_n_steps=50)
     trainer.fit(loader)
-    return stamps
 
 
-def run_lightning(case: str, steps: int) -> list[float]:
+def run_lightning(case: str, steps: int, clock: Clock) -> None:
     import pytorch_lightning as pl
     import torch
 
     model, loader, _, task = make_case(case)
-    stamps: list[float] = []
 
     class Module(pl.LightningModule):
         def __init__(self):
@@ -112,19 +157,18 @@ def run_lightning(case: str, steps: int) -> list[float]:
 
     class Stamp(pl.Callback):
         def on_train_batch_end(self, *args, **kwargs) -> None:
-            stamps.append(time.perf_counter())
+            clock()
 
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, gradient_clip_val=1.0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[Stamp()], log_every_n_steps=50, num_sanity_val_steps=0)
     trainer.fit(Module(), train_dataloaders=loader)
-    return stamps
 
 
-def worker(contender: str, case: str, steps: int) -> None:
-    stamps = {"raw": run_raw, "trainkit": run_trainkit, "lightning": run_lightning}[contender](case, steps)
-    times = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]
-    print(json.dumps({"median_s": statistics.median(times), "steps": len(times)}))
+def worker(contender: str, case: str, steps: int, twin: bool) -> None:
+    clock = Clock(raw_steps(case) if twin else None)
+    {"raw": run_raw, "trainkit": run_trainkit, "lightning": run_lightning}[contender](case, steps, clock)
+    print(json.dumps(clock.result()))
 
 
 def lightning_available() -> bool:
@@ -135,40 +179,57 @@ def lightning_available() -> bool:
     return True
 
 
-def measure(contender: str, case: str, steps: int) -> float:
+def measure(contender: str, case: str, steps: int, twin: bool) -> dict[str, float]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, "--worker", contender, case, str(steps)], capture_output=True,
-                         text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+    command = [sys.executable, __file__, "--worker", contender, case, str(steps), *(["--twin"] if twin else [])]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(case: str, contenders: list[str], steps: int, rounds: int, twin: bool) -> dict[str, float]:
+    """One process per contender and round, contenders in alternation (so drifts in machine
+    load hit all of them); medians over rounds."""
+    samples: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+    for _ in range(rounds):
+        for contender in contenders:
+            samples[contender].append(measure(contender, case, steps, twin))
+    if not twin:
+        medians = {c: statistics.median(s["median_s"] for s in v) for c, v in samples.items()}
+        row = {f"{c}_ms": 1000 * m for c, m in medians.items()}
+        row["overhead_us"] = 1e6 * (medians["trainkit"] - medians["raw"])
+    else:  # each contender against its in-process raw twin; "raw" against its twin is the control
+        medians = {c: statistics.median(s["ratio_to_twin"] for s in v) for c, v in samples.items()}
+        row = {f"{c}_vs_twin": m for c, m in medians.items()}
+        # Per-step difference to the twin, less the control's (the method's own bias).
+        diffs = {c: statistics.median(s["diff_to_twin_s"] for s in v) for c, v in samples.items()}
+        row["overhead_us"] = 1e6 * (diffs["trainkit"] - diffs["raw"])
+    row["trainkit/raw"] = medians["trainkit"] / medians["raw"]
+    if "lightning" in medians:
+        row["trainkit/lightning"] = medians["trainkit"] / medians["lightning"]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "CASE", "STEPS"))
+    parser.add_argument("--twin", action="store_true", help="with --worker: interleave a raw twin")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=["mlp", "nmt"])
+    parser.add_argument("--modes", nargs="+", default=["separate", "interleaved"], choices=["separate", "interleaved"])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: mlp 600, nmt 80)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        worker(args.worker[0], args.worker[1], int(args.worker[2]), args.twin)
         return
     contenders = ["raw", "trainkit"] + (["lightning"] if lightning_available() else [])
     results = {}
     for case in args.cases:
         steps = args.steps or {"mlp": 600, "nmt": 80}[case]
-        samples: dict[str, list[float]] = {c: [] for c in contenders}
-        for _ in range(args.rounds):  # alternate, so drifts in machine load hit every contender
-            for contender in contenders:
-                samples[contender].append(measure(contender, case, steps))
-        medians = {c: statistics.median(v) for c, v in samples.items()}
-        row = {f"{c}_ms": 1000 * m for c, m in medians.items()}
-        row["trainkit/raw"] = medians["trainkit"] / medians["raw"]
-        row["overhead_us"] = 1e6 * (medians["trainkit"] - medians["raw"])
-        if "lightning" in medians:
-            row["trainkit/lightning"] = medians["trainkit"] / medians["lightning"]
-        results[case] = row
-        print(json.dumps({case: row}))
+        for mode in args.modes:
+            row = compare(case, contenders, steps, args.rounds, twin=mode == "interleaved")
+            results[f"{case} {mode}"] = row
+            print(json.dumps({f"{case} {mode}": row}), flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)

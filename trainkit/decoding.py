@@ -16,31 +16,13 @@ for their duration and then restore every submodule's previous ``training`` flag
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from trainkit.loop_parts import eval_mode
 from trainkit.models.transformer import Transformer
 
 __all__ = ["beam_search", "greedy_decode"]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Temporarily put ``model`` in eval mode, restoring each submodule's own flag after.
-
-    ``model.train(previous)`` would not do: it would flatten submodules that the caller had
-    deliberately put in a different mode (e.g. a frozen encoder kept in eval).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _check_max_len(model: Transformer, max_len: int) -> None:
@@ -68,7 +50,7 @@ def greedy_decode(
 ) -> list[list[int]]:
     """Returns one token-id list per source row, without BOS and without EOS (stopping at the first EOS). incremental=False re-runs the decoder on the whole prefix every step (the slow reference)."""
     _check_max_len(model, max_len)
-    with _eval_mode(model):
+    with eval_mode(model):
         memory, src_pad_mask = model.encode(src)
         batch = src.size(0)
         ys = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
@@ -142,7 +124,7 @@ def beam_search(
         if score > hyps[worst][0]:
             hyps[worst] = (score, hyp)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         memory, src_pad_mask = model.encode(src)
         # Each source row is repeated once per beam: rows b*k .. b*k+k-1 belong to source b.
         # Only the first decode call reads these; afterwards the cache holds its own copies.

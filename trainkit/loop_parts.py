@@ -48,40 +48,55 @@ class Schedule:
 
 
 class LossMeter:
-    """Summed losses kept on the device and read only when logged (no per-step sync)."""
+    """Summed losses kept on the device and read only when logged (no per-step sync): over
+    the logging window (with the named terms) and over the epoch, both in one tensor so a
+    step costs one small kernel."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [window, epoch]
+        self.epoch_units = 0.0
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        """Start a new logging window."""
+        self.loss[0] = 0
         self.terms: dict[str, torch.Tensor] = {}
         self.units = 0.0
         self.steps = 0
         self.seconds = 0.0
 
     def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
-        self.loss += loss_sum.double()
+        self.loss.add_(loss_sum)  # into both sums, accumulating in float64
         for name, value in (terms or {}).items():
             self.terms[name] = self.terms.get(name, 0.0) + value.detach().double()
         self.units += count
+        self.epoch_units += count
 
     def add_step(self, seconds: float) -> None:
         self.steps += 1
         self.seconds += seconds
 
     def read(self, dist: Dist) -> tuple[dict[str, float], float]:
-        """(mean loss and terms per unit over the window and all ranks, units counted); resets."""
+        """(mean loss and terms per unit over the window and all ranks, units counted);
+        starts a new window."""
         names = sorted(self.terms)
         units = torch.tensor(self.units, dtype=torch.float64, device=self.device)
-        packed = torch.stack([self.loss, units, *[self.terms[n].to(self.device) for n in names]])
+        packed = torch.stack([self.loss[0], units, *[self.terms[n].to(self.device) for n in names]])
         totals = dist.sum(packed).tolist()  # .tolist() waits for the device
         per_unit = max(totals[1], 1.0)
         values = {"train/loss": totals[0] / per_unit}
         values.update({f"train/loss/{n}": v / per_unit for n, v in zip(names, totals[2:])})
         self.reset()
         return values, totals[1]
+
+    def read_epoch(self, dist: Dist) -> float:
+        """The mean loss per unit over the epoch and all ranks; starts a new epoch."""
+        units = torch.tensor(self.epoch_units, dtype=torch.float64, device=self.device)
+        loss, units = dist.sum(torch.stack([self.loss[1], units])).tolist()
+        self.loss[1] = 0
+        self.epoch_units = 0.0
+        return loss / max(units, 1.0)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
@@ -142,6 +157,22 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Any
                                       ("unexpected in checkpoint", unexpected)) if items]
         raise ConfigError(f"{source}: the checkpoint's model does not match the configured model ({'; '.join(parts)})")
     model.load_state_dict(weights)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put ``model`` in eval mode, restoring each submodule's own flag after.
+
+    ``model.train(previous)`` would not do: it would flatten submodules that the caller had
+    deliberately put in a different mode (e.g. a frozen encoder kept in eval).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def peak_memory_mb(device: torch.device) -> float:

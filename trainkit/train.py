@@ -42,6 +42,7 @@ from trainkit.loop_parts import (
     Schedule,
     chunked,
     clip_gradients,
+    eval_mode,
     load_weights,
     move_to,
     peak_memory_mb,
@@ -151,7 +152,6 @@ class Trainer:
         self.state = TrainerState(world_size=self.dist.world_size)
         self.history: list[dict[str, float]] = []
         self.meter = LossMeter(self.device)
-        self.epoch_meter = LossMeter(self.device)
         self.grad_norm = torch.zeros(())
         self.last_eval_step = self.last_save_step = -1
         self.train_seconds = self.train_units = 0.0
@@ -198,18 +198,19 @@ class Trainer:
         """One optimizer step: forward and backward over the micro-batches, clip, step, schedule."""
         started = time.perf_counter()
         model, scaler = self.train_model, self.precision.scaler
-        model.train()
+        if not model.training:  # a cheap check: model.train() itself walks every submodule
+            model.train()
         counts = [self.task.count(batch) for batch in micro_batches]
         # Each micro-batch loss is a sum; divide by the step's count over all micro-batches and
         # ranks so the summed gradients equal the large-batch mean (DDP then averages ranks).
         step_count = sum_number(self.dist, sum(counts))
         normaliser = step_count / self.dist.world_size
         for index, (batch, count) in enumerate(zip(micro_batches, counts)):
-            batch = move_to(batch, self.device)
+            if self.device.type != "cpu":  # loaders yield CPU tensors: nothing to move on a CPU
+                batch = move_to(batch, self.device)
             with self.dist.no_sync(model, skip_sync=index < len(micro_batches) - 1):
                 loss_sum, terms = self.task.forward_backward(model, batch, normaliser, self.precision)
             self.meter.add(loss_sum.detach(), count, terms)
-            self.epoch_meter.add(loss_sum.detach(), count)
         scaler.unscale_(self.optimizer)
         self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
         self.layer_stats.maybe_log(self.model, self.state.global_step + 1)
@@ -226,9 +227,9 @@ class Trainer:
 
     def update_is_finite(self) -> bool:
         """The non-finite check, before the update is applied. fp16's scaler checks (and
-        skips) by itself; otherwise one flag is read: free on CPU, where no sync exists, and a
+        skips) by itself; otherwise the norm is read: free on CPU, where no sync exists, and a
         4-byte read per step on an accelerator (as GradScaler does)."""
-        if self.precision.scaler.is_enabled() or bool(torch.isfinite(self.grad_norm)):
+        if self.precision.scaler.is_enabled() or math.isfinite(float(self.grad_norm)):
             self.state.consecutive_skips = 0
             return True
         step = self.state.global_step + 1
@@ -270,7 +271,7 @@ class Trainer:
         state, options = self.state, self.options
         state.epoch += 1
         state.batch_in_epoch = 0
-        epoch_loss = self.epoch_meter.read(self.dist)[0]["train/loss"]
+        epoch_loss = self.meter.read_epoch(self.dist)
         self.logger.log_metrics({"train/epoch_loss": epoch_loss}, state.global_step, state.epoch)
         improved = False
         if options.eval_every_n_steps is None and val_loader is not None:
@@ -306,19 +307,17 @@ class Trainer:
     def evaluate(self, loader: Iterable, prefix: str = "val") -> dict[str, float]:
         """Loss and task metrics over a whole loader, exact across ranks."""
         model = self.model
-        was_training = model.training
-        model.eval()
         self.task.eval_start(self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        for batch in loader:
-            count += self.task.count(batch)
-            with self.precision.autocast():
-                loss_sum += self.task.eval_step(model, move_to(batch, self.device)).double()
+        with eval_mode(model):
+            for batch in loader:
+                count += self.task.count(batch)
+                with self.precision.autocast():
+                    loss_sum += self.task.eval_step(model, move_to(batch, self.device)).double()
         totals = self.dist.sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
         loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         metrics = {"loss": loss, **self.task.eval_metrics(loss)}
-        model.train(was_training)
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     def validate(self, val_loader: Iterable) -> bool:
