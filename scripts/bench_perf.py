@@ -5,6 +5,7 @@ runs them in sequence (one heavy process at a time) and prints a Markdown table.
 
     python scripts/bench_perf.py --all
     python scripts/bench_perf.py startup | padding | decoding | workers | compile | checkpointing
+    python scripts/bench_perf.py --quick startup padding decoding workers   # a smoke run (the tests)
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"on": False}  # --quick: a few steps and one repeat each, to check the code runs, not to measure
+
+
+def scaled(n: int) -> int:
+    """``n`` steps or repeats, or under --quick 6 steps (n > 6) or 1 repeat."""
+    return (6 if n > 6 else 1) if QUICK["on"] else n
 
 
 def startup(repeats: int = 3) -> dict:
     """Seconds from process start to the end of the first optimizer step, against `import torch`."""
     import_torch, first_step = [], []
-    for _ in range(repeats):
+    for _ in range(scaled(repeats)):
         started = time.time()
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
         import_torch.append(time.time() - started)
@@ -88,7 +95,7 @@ def padding() -> dict:
     sentences = round(len(bucketed.dataset) / batches)
     naive = nmt_data(max_tokens=None, batch_size=sentences).loader("train")
     naive_padding, _ = padding_fraction(naive)
-    steps = 40
+    steps = scaled(40)
     return {"bucketed_padding": bucket_padding, "naive_padding": naive_padding, "sentences_per_batch": sentences,
             "bucketed_tokens_per_s": tokens_per_second(bucketed, steps),
             "naive_tokens_per_s": tokens_per_second(naive, steps)}
@@ -112,7 +119,7 @@ def decoding() -> dict:
         "beam4_incremental": lambda: beam_search(model, src, 1, never, 4, 24),
     }.items():
         times = []
-        for _ in range(3):
+        for _ in range(scaled(3)):
             started = time.perf_counter()
             run()
             times.append(time.perf_counter() - started)
@@ -123,7 +130,7 @@ def decoding() -> dict:
 
 def workers() -> dict:
     """Training tokens/s on nmt_base batches with num_workers 0 and 2."""
-    return {f"workers_{n}_tokens_per_s": tokens_per_second(nmt_data(max_tokens=2048, num_workers=n).loader("train"), 40)
+    return {f"workers_{n}_tokens_per_s": tokens_per_second(nmt_data(max_tokens=2048, num_workers=n).loader("train"), scaled(40))
             for n in (0, 2)}
 
 
@@ -194,7 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", choices=[*MEASUREMENTS, []])
     parser.add_argument("--all", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, one repeat")
     args = parser.parse_args()
+    QUICK["on"] = args.quick
     for name in (list(MEASUREMENTS) if args.all else args.names):
         print(json.dumps({name: MEASUREMENTS[name]()}), flush=True)
 

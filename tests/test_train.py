@@ -179,3 +179,66 @@ def test_callback_state_is_saved_and_restored(compose, tmp_path):
     run(compose, tmp_path, "second", count, "trainer.max_epochs=1", "resume=auto")
     final = torch.load(tmp_path / "second/checkpoints/last.pt", weights_only=True)
     assert final["callbacks"]["CountSteps"] == {"steps": 20}  # 7 before the stop + 13 after
+
+
+def test_a_submodule_frozen_in_eval_mode_stays_frozen(tmp_path):
+    """Training steps and evaluations leave each submodule's mode as the user set it: a
+    batch-norm layer put in eval mode keeps its running statistics, dropout still trains."""
+    from torch import nn
+
+    from trainkit import Trainer
+    from trainkit.callbacks import Callback
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[2].eval()
+    seen = []
+
+    class Record(Callback):
+        def on_step_end(self, trainer) -> None:
+            seen.append((model.training, model[1].training, model[2].training))
+
+    data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(4)]
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), max_epochs=2,
+                      callbacks=[Record()], log_every_n_steps=1)
+    trainer.fit(data, val_loader=data)
+    assert seen == [(True, True, False)] * 8
+    assert torch.equal(model[2].running_mean, torch.zeros(8)) and model.training and not model[2].training
+
+
+def test_a_model_left_in_eval_mode_is_trained_in_train_mode(tmp_path):
+    from torch import nn
+
+    from trainkit import Trainer
+    from trainkit.callbacks import Callback
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    seen = []
+
+    class EvalEachStep(Callback):  # a careless callback: evaluates and leaves the model in eval mode
+        def on_step_end(self, trainer) -> None:
+            seen.append(model[1].training)
+            trainer.model.eval()
+
+    data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(3)]
+    model.eval()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), max_epochs=1,
+            callbacks=[EvalEachStep()]).fit(data)
+    assert seen == [True, True, True]
+
+
+def test_loss_meter_sums_windows_and_epochs_exactly():
+    from trainkit.distributed import Dist
+    from trainkit.loop_parts import LossMeter
+
+    dist = Dist(device=torch.device("cpu"))
+    meter = LossMeter(torch.device("cpu"))
+    for value in (1.0, 2.0, 3.0):
+        meter.add(torch.tensor(value), 1, {"kl": torch.tensor(value / 2)})
+    assert meter.read(dist) == ({"train/loss": 2.0, "train/loss/kl": 1.0}, 3.0)
+    meter.add(torch.tensor(10.0), 2)
+    assert meter.read_epoch(dist) == 16 / 5  # every step of the epoch, read window or not
+    meter.add(torch.tensor(4.0, dtype=torch.float16), 2)
+    assert meter.read(dist) == ({"train/loss": 14 / 4}, 4.0)  # this window spans the epoch's end
+    assert meter.read_epoch(dist) == 4 / 2
+    assert meter.read(dist) == ({"train/loss": 0.0}, 0.0)

@@ -48,28 +48,33 @@ class Schedule:
 
 
 class LossMeter:
-    """Summed losses kept on the device and read only when logged (no per-step sync): over
-    the logging window (with the named terms) and over the epoch, both in one tensor so a
-    step costs one small kernel."""
+    """Summed losses over the logging window (with named terms) and over the epoch, read
+    only when logged. A step only keeps its detached loss tensor (no kernel, no sync); the
+    kept tensors are summed on the device when read."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [window, epoch]
+        self.pending: list[torch.Tensor] = []  # step losses not yet summed into the two below
+        self.window_loss = self.zero()
+        self.epoch_loss = self.zero()
         self.epoch_units = 0.0
         self.reset()
 
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
     def reset(self) -> None:
         """Start a new logging window."""
-        self.loss[0] = 0
-        self.terms: dict[str, torch.Tensor] = {}
+        self.window_loss = self.zero()
+        self.terms: dict[str, list[torch.Tensor]] = {}
         self.units = 0.0
         self.steps = 0
         self.seconds = 0.0
 
     def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
-        self.loss.add_(loss_sum)  # into both sums, accumulating in float64
+        self.pending.append(loss_sum)
         for name, value in (terms or {}).items():
-            self.terms[name] = self.terms.get(name, 0.0) + value.detach().double()
+            self.terms.setdefault(name, []).append(value.detach())
         self.units += count
         self.epoch_units += count
 
@@ -77,12 +82,21 @@ class LossMeter:
         self.steps += 1
         self.seconds += seconds
 
+    def fold(self) -> None:
+        """Sum the kept step losses into the window and the epoch (on the device)."""
+        if self.pending:
+            summed = total(self.pending, self.device)
+            self.window_loss = self.window_loss + summed
+            self.epoch_loss = self.epoch_loss + summed
+            self.pending = []
+
     def read(self, dist: Dist) -> tuple[dict[str, float], float]:
         """(mean loss and terms per unit over the window and all ranks, units counted);
         starts a new window."""
+        self.fold()
         names = sorted(self.terms)
         units = torch.tensor(self.units, dtype=torch.float64, device=self.device)
-        packed = torch.stack([self.loss[0], units, *[self.terms[n].to(self.device) for n in names]])
+        packed = torch.stack([self.window_loss, units, *[total(self.terms[n], self.device) for n in names]])
         totals = dist.sum(packed).tolist()  # .tolist() waits for the device
         per_unit = max(totals[1], 1.0)
         values = {"train/loss": totals[0] / per_unit}
@@ -91,12 +105,21 @@ class LossMeter:
         return values, totals[1]
 
     def read_epoch(self, dist: Dist) -> float:
-        """The mean loss per unit over the epoch and all ranks; starts a new epoch."""
+        """The mean loss per unit over the epoch and all ranks; starts a new epoch (the
+        logging window carries on)."""
+        self.fold()
         units = torch.tensor(self.epoch_units, dtype=torch.float64, device=self.device)
-        loss, units = dist.sum(torch.stack([self.loss[1], units])).tolist()
-        self.loss[1] = 0
+        loss, units = dist.sum(torch.stack([self.epoch_loss, units])).tolist()
+        self.epoch_loss = self.zero()
         self.epoch_units = 0.0
         return loss / max(units, 1.0)
+
+
+def total(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The float64 sum of scalar tensors (zero for none), on ``device``."""
+    if not values:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum()
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

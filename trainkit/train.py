@@ -198,8 +198,8 @@ class Trainer:
         """One optimizer step: forward and backward over the micro-batches, clip, step, schedule."""
         started = time.perf_counter()
         model, scaler = self.train_model, self.precision.scaler
-        if not model.training:  # a cheap check: model.train() itself walks every submodule
-            model.train()
+        if not (model.training and self.model.training):  # the wrapper's flag and the model's
+            model.train()  # only then: it walks every submodule (and would unfreeze a frozen one)
         counts = [self.task.count(batch) for batch in micro_batches]
         # Each micro-batch loss is a sum; divide by the step's count over all micro-batches and
         # ranks so the summed gradients equal the large-batch mean (DDP then averages ranks).

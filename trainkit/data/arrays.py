@@ -31,7 +31,7 @@ class TensorBatches(Dataset):
 
     def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(rows)
-        return tuple(t[index] for t in self.tensors)
+        return tuple(t.index_select(0, index) for t in self.tensors)
 
 
 class ArrayData:

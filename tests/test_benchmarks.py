@@ -1,0 +1,43 @@
+"""The benchmark scripts run (they are benchmarks, not tests: only that they work is checked
+here, on a few steps; their figures are in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def run_script(*args: str, cwd: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_loop_compares_the_contenders_in_both_modes(tmp_path):
+    rows = run_script(str(SCRIPTS / "bench_loop.py"), "--rounds", "1", "--cases", "mlp", "--steps", "40",
+                      "--json", str(tmp_path / "loop.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "loop.json").read_text())
+    assert [next(iter(row)) for row in rows] == list(results) == ["mlp separate", "mlp interleaved"]
+    separate, interleaved = results["mlp separate"], results["mlp interleaved"]
+    assert separate["raw_ms"] > 0 and separate["trainkit_ms"] > 0
+    assert separate["trainkit/raw"] == pytest.approx(separate["trainkit_ms"] / separate["raw_ms"])
+    assert interleaved["raw_vs_twin"] > 0 and interleaved["trainkit_vs_twin"] > 0
+    assert interleaved["trainkit/raw"] == pytest.approx(interleaved["trainkit_vs_twin"] / interleaved["raw_vs_twin"])
+
+
+def test_bench_perf_quick_run(tmp_path):
+    rows = run_script(str(SCRIPTS / "bench_perf.py"), "--quick", "startup", "padding", "decoding", cwd=tmp_path)
+    results = {name: values for row in rows for name, values in row.items()}
+    assert results["startup"]["first_step_s"] > results["startup"]["import_torch_s"] > 0
+    assert 0 <= results["padding"]["bucketed_padding"] < results["padding"]["naive_padding"] < 1
+    assert results["padding"]["bucketed_tokens_per_s"] > 0 and results["padding"]["naive_tokens_per_s"] > 0
+    assert results["decoding"]["greedy_speedup"] > 1  # incremental decoding is faster even on one repeat
