@@ -100,37 +100,48 @@ def padding_fraction(loader, epoch: int = 0) -> tuple[float, int]:
     return 1 - real / padded, len(plan)
 
 
-def tokens_per_second(loader, steps: int) -> float:
-    """Target tokens per second training the nmt_base model on this loader (the real Trainer)."""
+def tokens_per_second(loader, steps: int, warmup: int = 10) -> float:
+    """Target tokens per second training the nmt_base model on this loader (the real
+    Trainer), over the steps after ``warmup``."""
     import torch
 
     from trainkit import Trainer
     from trainkit.models import Transformer
     from trainkit.tasks import Seq2SeqTask
 
-    data = loader.dataset
     torch.manual_seed(0)
     tokenizer = nmt_data(max_tokens=2048).tokenizer
     model = Transformer(tokenizer.vocab_size, tokenizer.vocab_size)
     task = Seq2SeqTask(torch.nn.CrossEntropyLoss(ignore_index=0), tokenizer, metrics=["perplexity"], num_samples=0)
+    marks: list[tuple[float, float]] = []
+
+    class Mark:
+        def on_step_end(self, trainer) -> None:
+            if trainer.state.global_step in (min(warmup, steps - 1), steps):
+                marks.append((trainer.train_units, trainer.train_seconds))
+
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), task=task, max_steps=steps,
-                      log_every_n_steps=10**6)
-    del data
+                      log_every_n_steps=10**6, callbacks=[Mark()])
     trainer.fit(loader)
-    return trainer.train_units / trainer.train_seconds
+    (units_0, seconds_0), (units_1, seconds_1) = marks
+    return (units_1 - units_0) / (seconds_1 - seconds_0)
 
 
-def padding() -> dict:
-    """Token-budget bucketing against fixed-size random batches of the same mean size."""
+def padding(rounds: int = 3) -> dict:
+    """Token-budget bucketing against fixed-size random batches of the same mean size:
+    padding, and training tokens/s (median of rounds, the two in alternation)."""
     bucketed = nmt_data(max_tokens=2048).loader("train")
     bucket_padding, batches = padding_fraction(bucketed)
     sentences = round(len(bucketed.dataset) / batches)
     naive = nmt_data(max_tokens=None, batch_size=sentences).loader("train")
     naive_padding, _ = padding_fraction(naive)
-    steps = scaled(40)
+    speeds: dict[str, list[float]] = {"bucketed": [], "naive": []}
+    for _ in range(scaled(rounds)):
+        for name, loader in (("bucketed", bucketed), ("naive", naive)):
+            speeds[name].append(tokens_per_second(loader, scaled(60)))
     results = {"bucketed_padding": bucket_padding, "naive_padding": naive_padding, "sentences_per_batch": sentences,
-               "bucketed_tokens_per_s": tokens_per_second(bucketed, steps),
-               "naive_tokens_per_s": tokens_per_second(naive, steps)}
+               "bucketed_tokens_per_s": statistics.median(speeds["bucketed"]),
+               "naive_tokens_per_s": statistics.median(speeds["naive"])}
     results["speedup"] = results["bucketed_tokens_per_s"] / results["naive_tokens_per_s"]
     # What removing padding alone can win if a step's cost were proportional to its token
     # slots (padded or not): the ratio of real tokens per slot.
@@ -167,7 +178,7 @@ def decoding() -> dict:
 
 def workers() -> dict:
     """Training tokens/s on nmt_base batches with num_workers 0 and 2."""
-    return {f"workers_{n}_tokens_per_s": tokens_per_second(nmt_data(max_tokens=2048, num_workers=n).loader("train"), scaled(40))
+    return {f"workers_{n}_tokens_per_s": tokens_per_second(nmt_data(max_tokens=2048, num_workers=n).loader("train"), scaled(60))
             for n in (0, 2)}
 
 

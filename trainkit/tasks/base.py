@@ -66,7 +66,7 @@ class Task:
 
 
 class MetricsMixin:
-    """Named torchmetrics metrics, synchronised across ranks when computed."""
+    """Named metrics (``trainkit.metrics``), summed across ranks when computed."""
 
     metric_names: Sequence[str] = ()
 
@@ -77,7 +77,7 @@ class MetricsMixin:
         self.metrics = {name: metric.to(device) for name, metric in self.make_metrics().items()}
 
     def eval_metrics(self, loss: float) -> dict[str, float]:
-        # .compute() all-gathers the metric state under DDP (exact, no mean of means).
+        # .compute() sums the metric state over ranks under DDP (exact, no mean of means).
         return {name: float(metric.compute()) for name, metric in self.metrics.items()}
 
 

@@ -47,18 +47,17 @@ class SupervisedTask(Task):
 METRICS = {"classification": ("accuracy", "f1_macro", "top5_accuracy"), "regression": ("mse", "mae", "r2")}
 
 
-def make_metric(name: str, num_classes: int | None) -> Any:
-    """A torchmetrics metric by name; torchmetrics (slow to import) loads at the first evaluation."""
-    import torchmetrics
+def make_metric(name: str, num_classes: int | None, num_outputs: int = 1) -> Any:
+    """A metric by name (``trainkit.metrics``: sums, exact across ranks)."""
+    from trainkit import metrics
 
-    multiclass = dict(task="multiclass", num_classes=num_classes)
     factories: dict[str, Callable[[], Any]] = {
-        "accuracy": lambda: torchmetrics.Accuracy(**multiclass),
-        "f1_macro": lambda: torchmetrics.F1Score(average="macro", **multiclass),
-        "top5_accuracy": lambda: torchmetrics.Accuracy(top_k=min(5, num_classes or 5), **multiclass),
-        "mse": torchmetrics.MeanSquaredError,
-        "mae": torchmetrics.MeanAbsoluteError,
-        "r2": torchmetrics.R2Score,
+        "accuracy": lambda: metrics.Accuracy(),
+        "f1_macro": lambda: metrics.MacroF1(num_classes),
+        "top5_accuracy": lambda: metrics.Accuracy(top_k=5),
+        "mse": lambda: metrics.MeanError(power=2),
+        "mae": lambda: metrics.MeanError(power=1),
+        "r2": lambda: metrics.R2Score(num_outputs),
     }
     return factories[name]()
 
@@ -66,16 +65,17 @@ def make_metric(name: str, num_classes: int | None) -> Any:
 class _NamedMetricsTask(MetricsMixin, SupervisedTask):
     kind = ""
 
-    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = (), num_classes: int | None = None):
+    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = (), num_classes: int | None = None,
+                 num_outputs: int = 1):
         super().__init__(loss_fn)
         unknown = [name for name in metrics if name not in METRICS[self.kind]]
         if unknown:
             raise ConfigError(f"task.metrics: unknown {self.kind} metric {unknown[0]!r}; choose from {list(METRICS[self.kind])}")
         self.metric_names = list(metrics)
-        self.num_classes = num_classes
+        self.num_classes, self.num_outputs = num_classes, num_outputs
 
     def make_metrics(self) -> dict[str, Any]:
-        return {name: make_metric(name, self.num_classes) for name in self.metric_names}
+        return {name: make_metric(name, self.num_classes, self.num_outputs) for name in self.metric_names}
 
 
 class ClassificationTask(_NamedMetricsTask):
@@ -95,8 +95,8 @@ class RegressionTask(_NamedMetricsTask):
 
     kind = "regression"
 
-    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = ("mse",)):
-        super().__init__(loss_fn, metrics)
+    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = ("mse",), out_features: int = 1):
+        super().__init__(loss_fn, metrics, num_outputs=out_features)
 
     def count(self, batch: Any) -> int:
         return batch[1].numel()  # MSE sums over every target element

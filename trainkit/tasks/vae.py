@@ -160,10 +160,10 @@ class VAETask(Task, Callback):
 
     # Evaluation --------------------------------------------------------------------------------
     def eval_start(self, device: torch.device) -> None:
-        import torchmetrics
+        from trainkit.metrics import Mean
 
-        # Means over every sample of every rank (.compute() all-gathers under DDP).
-        self.means = {name: torchmetrics.MeanMetric().to(device) for name in ("reconstruction", "kl")}
+        # Means over every sample of every rank (.compute() sums over ranks under DDP).
+        self.means = {name: Mean().to(device) for name in ("reconstruction", "kl")}
         self.images: list[Tensor] | None = None
 
     def eval_step(self, model: nn.Module, batch: Any) -> Tensor:
