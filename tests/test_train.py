@@ -89,6 +89,32 @@ def test_resume_is_bitwise_exact(compose, tmp_path, stop_step):
     assert whole["final"] == second["final"] and whole["best_metric"] == second["best_metric"]
 
 
+@pytest.mark.slow
+def test_worker_processes_change_nothing_and_resume_exactly(compose, tmp_path):
+    """data.num_workers=2 with pin_memory (persistent workers): stopped mid-epoch and
+    resumed, the run ends with the same weights as an uninterrupted run without workers."""
+    common = ["trainer.max_epochs=2", "model.dropout=0.3"]
+    workers = ["data.num_workers=2", "data.pin_memory=true"]
+    run(compose, tmp_path, "whole", *common)
+    with pytest.raises(Preempted):
+        run(compose, tmp_path, "first", *common, *workers, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 13}")
+    run(compose, tmp_path, "second", *common, *workers, "resume=auto")
+    assert_same_weights(load_weights(tmp_path / "whole/checkpoints/last.pt"),
+                        load_weights(tmp_path / "second/checkpoints/last.pt"))
+
+
+@pytest.mark.slow
+def test_translation_batches_built_in_workers_are_the_same(compose, tmp_path):
+    results = []
+    for workers in (0, 2):
+        cfg = compose(["+experiment=nmt_tiny", "trainer.max_steps=6", "scheduler.warmup_steps=2",
+                       "trainer.test_after_fit=false", "logging.progress_bar=false", f"data.num_workers={workers}"])
+        results.append(train_model(cfg, run_dir=tmp_path / f"workers-{workers}"))
+    assert_same_weights(load_weights(tmp_path / "workers-0/checkpoints/last.pt"),
+                        load_weights(tmp_path / "workers-2/checkpoints/last.pt"))
+    assert results[0].metrics == results[1].metrics
+
+
 def test_resume_with_accumulation_and_step_checkpoints(compose, tmp_path):
     common = ["trainer.max_steps=25", "trainer.grad_accum_steps=3", "trainer.save_every_n_steps=4",
               "trainer.eval_every_n_steps=6", "scheduler=cosine", "scheduler.warmup_steps=5"]
