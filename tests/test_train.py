@@ -268,3 +268,14 @@ def test_loss_meter_sums_windows_and_epochs_exactly():
     assert meter.read(dist) == ({"train/loss": 14 / 4}, 4.0)  # this window spans the epoch's end
     assert meter.read_epoch(dist) == 4 / 2
     assert meter.read(dist) == ({"train/loss": 0.0}, 0.0)
+
+
+def test_loss_meter_keeps_bounded_memory_over_long_windows():
+    from trainkit.distributed import Dist
+    from trainkit.loop_parts import LossMeter
+
+    meter = LossMeter(torch.device("cpu"))
+    for _ in range(5000):
+        meter.add(torch.tensor(0.5), 1)
+    assert len(meter.pending) < 1024
+    assert meter.read(Dist(device=torch.device("cpu"))) == ({"train/loss": 0.5}, 5000.0)

@@ -73,6 +73,8 @@ class LossMeter:
 
     def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
         self.pending.append(loss_sum)
+        if len(self.pending) >= 1024:  # long logging windows: bounded memory, one kernel per 1,024 steps
+            self.fold()
         for name, value in (terms or {}).items():
             self.terms.setdefault(name, []).append(value.detach())
         self.units += count
