@@ -188,6 +188,17 @@ def sum_number(dist: Dist, value: float) -> float:
     return float(dist.sum(torch.tensor([float(value)], dtype=torch.float64, device=dist.comm_device)).item())
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the ranks of the process group, when one is up (for metric
+    states held outside a ``Dist``); ``values`` itself when running alone."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return values
+    comm_device = values.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = values.to(comm_device, copy=True)
+    torch_dist.all_reduce(reduced)
+    return reduced.to(values.device)
+
+
 def gather_lists(items: list[Any]) -> list[Any]:
     """Every rank's list, concatenated in rank order (for exact metrics over samples that
     each live on exactly one rank); the list itself when running alone."""

@@ -85,12 +85,13 @@ class LossMeter:
         self.seconds += seconds
 
     def fold(self) -> None:
-        """Sum the kept step losses into the window and the epoch (on the device)."""
+        """Sum the kept step losses (and terms) on the device: into the window and the epoch."""
         if self.pending:
             summed = total(self.pending, self.device)
             self.window_loss = self.window_loss + summed
             self.epoch_loss = self.epoch_loss + summed
             self.pending = []
+        self.terms = {name: [total(values, self.device)] for name, values in self.terms.items()}
 
     def read(self, dist: Dist) -> tuple[dict[str, float], float]:
         """(mean loss and terms per unit over the window and all ranks, units counted);
@@ -121,7 +122,7 @@ def total(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The float64 sum of scalar tensors (zero for none), on ``device``."""
     if not values:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum()
+    return torch.stack(values).to(device=device, dtype=torch.float64).sum()
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainkit.distributed import sum_over_ranks
 from trainkit.errors import ConfigError
 
 
@@ -29,13 +30,7 @@ class SumMetric:
         self.state += self.statistics(output.detach(), targets)
 
     def compute(self) -> float:
-        state = self.state.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # gloo reduces CPU tensors only; nccl needs the CUDA tensor itself.
-            if torch.distributed.get_backend() == "gloo":
-                state = state.cpu()
-            torch.distributed.all_reduce(state)
-        return float(self.value(state.cpu()))
+        return float(self.value(sum_over_ranks(self.state).cpu()))
 
     def statistics(self, output: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
