@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -60,6 +61,14 @@ class Precision:
         except (RuntimeError, ValueError) as error:
             raise ConfigError(f"precision={self.name}: gradient scaling is not supported on {device} "
                               f"by this torch ({error}); use precision=bf16 or fp32") from None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model in the precision's parameter dtype (unchanged unless fp64)."""
+        return model
+
+    def prepare_batch(self, batch: Any) -> Any:
+        """A batch with its floating tensors in the parameter dtype (unchanged unless fp64)."""
+        return batch
 
     def autocast(self) -> AbstractContextManager:
         if self.dtype is None:

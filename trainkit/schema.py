@@ -93,6 +93,7 @@ class TrainkitConfig:
     scheduler: Any = None
     task: Any = MISSING
     callbacks: Any = field(default_factory=dict)  # name -> {_target_: ..., ...}
+    trust: list[str] = field(default_factory=list)  # module prefixes whose _target_s may be built from a checkpoint's stored config
 
 
 SCHEMA_NAME = "trainkit_schema"
