@@ -38,7 +38,7 @@ class Precision:
     """An autocast context for forward passes and a gradient scaler (disabled unless fp16)."""
 
     def __init__(self, device: torch.device, autocast_dtype: str | None = None,
-                 grad_scaling: bool = False, name: str | None = None):
+                 grad_scaling: bool = False, name: str | None = None, param_dtype: str | None = None):
         self.name = name or autocast_dtype or "fp32"
         self.device_type = device.type
         self.dtype = DTYPES.get(autocast_dtype) if autocast_dtype else None

@@ -55,7 +55,9 @@ from trainkit.schema import TrainerConfig
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
 
 log = logging.getLogger("trainkit")
-PRECISIONS = {"fp32": (None, False), "bf16": ("bfloat16", False), "fp16": ("float16", True)}
+# name -> (autocast dtype, gradient scaling, parameter dtype)
+PRECISIONS = {"fp32": (None, False, None), "bf16": ("bfloat16", False, None), "fp16": ("float16", True, None),
+              "fp64": (None, False, "float64")}
 
 
 class Preempted(TrainkitError):
@@ -131,14 +133,14 @@ class Trainer:
         self.options = TrainerConfig(**options)
         self.dist = dist or Dist(device=resolve_device(str(device or "cpu")))
         self.device = self.dist.device
-        self.model = model.to(self.device)
+        if isinstance(precision, str):
+            autocast_dtype, grad_scaling, param_dtype = PRECISIONS[precision]
+            precision = Precision(self.device, autocast_dtype, grad_scaling, precision, param_dtype)
+        self.precision = precision
+        self.model = precision.prepare_model(model.to(self.device))
         self.task = task or (SupervisedTask(loss_fn) if loss_fn is not None else ModelLossTask())
         self.optimizer = optimizer
         self.schedule = Schedule(scheduler, self.options.monitor)
-        if isinstance(precision, str):
-            autocast_dtype, grad_scaling = PRECISIONS[precision]
-            precision = Precision(self.device, autocast_dtype, grad_scaling, precision)
-        self.precision = precision
         self.train_model = self.dist.wrap(self.model)  # what the loop calls: DDP and/or compiled
         if self.options.compile:
             self.train_model = torch.compile(self.train_model)
@@ -208,6 +210,7 @@ class Trainer:
         for index, (batch, count) in enumerate(zip(micro_batches, counts)):
             if self.device.type != "cpu":  # loaders yield CPU tensors: nothing to move on a CPU
                 batch = move_to(batch, self.device)
+            batch = self.precision.prepare_batch(batch)
             with self.dist.no_sync(model, skip_sync=index < len(micro_batches) - 1):
                 loss_sum, terms = self.task.forward_backward(model, batch, normaliser, self.precision)
             self.meter.add(loss_sum.detach(), count, terms)
@@ -314,7 +317,8 @@ class Trainer:
             for batch in loader:
                 count += self.task.count(batch)
                 with self.precision.autocast():
-                    loss_sum += self.task.eval_step(model, move_to(batch, self.device)).double()
+                    batch = self.precision.prepare_batch(move_to(batch, self.device))
+                    loss_sum += self.task.eval_step(model, batch).double()
         totals = self.dist.sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
         loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         metrics = {"loss": loss, **self.task.eval_metrics(loss)}
@@ -468,13 +472,14 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
         seed_everything(cfg.seed)
         parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
         resume = find_resume(cfg.resume, run_dir)
-        precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name)
+        precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
+                              cfg.precision.get("param_dtype"))
         logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                            progress_bar=cfg.logging.progress_bar)
         trainer = Trainer(
             parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
             dist=dist, run_dir=run_dir, callbacks=parts.callbacks, logger=logger,
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data),
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
             histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
             **OmegaConf.to_container(cfg.trainer),
         )
@@ -515,10 +520,16 @@ def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
     return TrainResult(**outcome)
 
 
-def data_state(data: Any) -> dict[str, Any]:
-    """What the data must keep inside checkpoints (tokenizers), under the key ``data``."""
+def data_state(data: Any, run_dir: Path) -> dict[str, Any]:
+    """What checkpoints keep about the data: its own state (tokenizers) under ``data``; the
+    plain values it told the model (``runtime``: sizes, pad id), so the model can be rebuilt
+    without reading data; and ``origin``, the folder the run started in (a stored relative
+    data path means a file there) and its run directory."""
     state = data.state_dict() if hasattr(data, "state_dict") else {}
-    return {"data": state} if state else {}
+    runtime = {key: value for key, value in data.runtime_kwargs().items()
+               if isinstance(value, (bool, int, float, str)) or value is None}
+    origin = {"cwd": str(Path.cwd().resolve()), "run_dir": str(Path(run_dir).resolve())}
+    return {**({"data": state} if state else {}), "runtime": runtime, "origin": origin}
 
 
 def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
