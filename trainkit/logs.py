@@ -76,6 +76,10 @@ class RunLogger:
         if self.enabled:
             log.info(message, *args)
 
+    def warning(self, message: str, *args: Any) -> None:
+        """A warning from any rank (other ranks print errors and warnings only)."""
+        log.warning(message, *args)
+
     def start_progress(self, total: int, initial: int) -> None:
         if self.use_bar:
             from tqdm import tqdm

@@ -1,5 +1,5 @@
 """The small pieces the training loop uses: loss meters, the scheduler stepper, gradient
-clipping, micro-batch grouping, resumable epochs, signals and seeding.
+clipping, micro-batch grouping, resumable epochs and seeding.
 
 Nothing here reads the config; ``trainkit.train`` wires these into the one loop.
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -149,15 +147,26 @@ def chunked(loader: Iterable, size: int) -> Iterator[list[Any]]:
 
 
 def set_epoch(loader: Iterable, epoch: int, start: int) -> None:
-    """Point a resumable batch plan at (epoch, first batch); other loaders restart the epoch."""
-    plan = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
-    if plan is not None and hasattr(plan, "set_epoch"):
-        try:
-            plan.set_epoch(epoch, start)
-        except TypeError:
-            plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
-    elif start:
-        log.warning("resuming mid-epoch with a loader that cannot skip batches: the epoch restarts")
+    """Point a resumable batch plan at (epoch, first batch); a sampler with a one-argument
+    ``set_epoch`` (``DistributedSampler``) is reshuffled for the epoch, which then restarts.
+
+    The plan may sit on the loader's batch sampler (trainkit's own plans), on the sampler
+    inside a ``BatchSampler`` (a user's ``DataLoader(sampler=DistributedSampler(...))``), or on
+    the loader's sampler; the first one found with ``set_epoch`` is used.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (batch_sampler, getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None))
+    plan = next((c for c in candidates if c is not None and hasattr(c, "set_epoch")), None)
+    if plan is None:
+        if start:
+            log.warning("resuming mid-epoch with a loader that cannot skip batches: the epoch restarts")
+        return
+    try:
+        plan.set_epoch(epoch, start)
+    except TypeError:
+        plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
+        if start:
+            log.warning("resuming mid-epoch with a sampler that cannot skip batches: epoch %d restarts", epoch)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -209,21 +218,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-@contextmanager
-def stop_signals(trainer: Any) -> Iterator[None]:
-    """SIGTERM and SIGUSR1 ask the trainer to stop after the current step (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    names = [s for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s)]
-    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
-    for name in names:
-        signal.signal(getattr(signal, name), lambda signum, frame: trainer.request_stop())
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's global RNGs: ``seed`` itself on rank 0 (a one-process run is
+    unchanged), a value mixed from (seed, rank) elsewhere, so ranks draw different dropout
+    masks and augmentations. Data order does not come from these RNGs (the batch plans have
+    their own generators seeded by ``seed``), and DDP copies rank 0's initial weights."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from trainkit import checkpoint
 from trainkit.__about__ import __version__
 from trainkit.callbacks import Callback
-from trainkit.distributed import Dist, sum_number
+from trainkit.distributed import Dist, gather_lists, sum_number
 from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError, did_you_mean
 from trainkit.insight import LayerStats, Profiler
 from trainkit.logs import RunLogger
@@ -46,12 +47,13 @@ from trainkit.loop_parts import (
     load_weights,
     move_to,
     peak_memory_mb,
+    rank_seed,
     seed_everything,
     set_epoch,
-    stop_signals,
 )
 from trainkit.precision import Precision, resolve_device
 from trainkit.schema import TrainerConfig
+from trainkit.stop import STOP, stop_signals
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
 
 log = logging.getLogger("trainkit")
@@ -81,6 +83,7 @@ class TrainerState:
     world_size: int = 1  # processes that wrote this state (batch_in_epoch counts per rank)
     skipped_steps: int = 0  # updates dropped under nan_policy=skip
     consecutive_skips: int = 0
+    lineage: str = ""  # one id for a run and every resumed continuation of it: best.pt must carry ours
 
 
 @dataclass
@@ -117,13 +120,15 @@ class Trainer:
     ``options`` are the ``trainer`` config keys (``max_epochs``, ``grad_accum_steps``,
     ``clip_grad_norm``, ``monitor``, ...). Without ``run_dir`` nothing is written to disk.
     A model whose forward returns its own loss needs neither ``loss_fn`` nor ``task``.
+    ``callbacks`` is a mapping from a name to a callback (each one's state is kept in
+    checkpoints under its name) or a sequence (named by class, numbered when repeated).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Any = None, *, task: Task | None = None, scheduler: Any = None,
                  precision: str | Precision = "fp32", device: str | torch.device | None = None,
                  dist: Dist | None = None, run_dir: str | Path | None = None,
-                 callbacks: Sequence[Any] = (), logger: RunLogger | None = None,
+                 callbacks: Sequence[Any] | Mapping[str, Any] = (), logger: RunLogger | None = None,
                  config_yaml: str = "", extra_state: dict[str, Any] | None = None,
                  histograms_every_n_steps: int | None = None, **options: Any):
         unknown = sorted(set(options) - set(TrainerConfig.__dataclass_fields__))
@@ -148,16 +153,19 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         # A task that is also a Callback (the VAE's beta controller) gets the hooks first, and
         # its state is saved in checkpoints like any callback's.
-        self.callbacks = [*([self.task] if isinstance(self.task, Callback) else []), *callbacks]
+        self.named_callbacks = {**({"task": self.task} if isinstance(self.task, Callback) else {}),
+                                **callback_names(callbacks)}
+        self.callbacks = list(self.named_callbacks.values())
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.config_yaml, self.extra_state = config_yaml, extra_state or {}
-        self.state = TrainerState(world_size=self.dist.world_size)
+        self.state = TrainerState(world_size=self.dist.world_size, lineage=uuid.uuid4().hex)
         self.history: list[dict[str, float]] = []
         self.meter = LossMeter(self.device)
         self.grad_norm = torch.zeros(())
         self.last_eval_step = self.last_save_step = -1
         self.train_seconds = self.train_units = 0.0
         self.stop_requested = False
+        self.top_k_candidate: float | None = None  # the last evaluation's value, when it ranks in the top k
         self.layer_stats = LayerStats(histograms_every_n_steps, self.logger)
 
     # The loop -------------------------------------------------------------------------------
@@ -171,9 +179,11 @@ class Trainer:
         self.logger.start_progress(self.total_steps, state.global_step)
         profiler = Profiler(options.profile, self.run_dir, options.profile_wait_steps,
                             options.profile_warmup_steps, options.profile_active_steps)
-        with stop_signals(self):
+        with stop_signals():
+            self.stop_if_requested("before its first step; nothing new to save")
             while state.stop_reason is None and not self.finished():
                 set_epoch(train_loader, state.epoch, state.batch_in_epoch)
+                first_batch, steps_before = state.batch_in_epoch, state.global_step
                 for micro_batches in chunked(train_loader, options.grad_accum_steps):
                     self.train_step(micro_batches)
                     profiler.step()
@@ -182,17 +192,20 @@ class Trainer:
                     if state.stop_reason is not None:
                         break
                 else:
+                    if first_batch == 0 and state.global_step == steps_before:
+                        raise ConfigError(f"the training data gives no batches in epoch {state.epoch} "
+                                          "(an empty train split, or data.batch_size larger than it with drop_last)")
                     self.after_epoch(val_loader)
-        profiler.stop()
-        if state.stop_reason == "preempted":
-            self.logger.close()
-            raise Preempted(f"stopped at step {state.global_step} on request; last.pt is resumable (resume=auto)")
-        state.stop_reason = state.stop_reason or "finished"
-        improved = False
-        if val_loader is not None and self.last_eval_step != state.global_step:
-            improved = self.validate(val_loader)
-        if improved or self.last_save_step != state.global_step:
-            self.save(best=improved)
+            profiler.stop()
+            if state.stop_reason == "preempted":
+                self.raise_preempted(f"at step {state.global_step}; last.pt is resumable (resume=auto)")
+            state.stop_reason = state.stop_reason or "finished"
+            improved = False
+            if val_loader is not None and self.last_eval_step != state.global_step:
+                improved = self.validate(val_loader)
+            if improved or self.top_k_candidate is not None or self.last_save_step != state.global_step:
+                self.save(best=improved)
+            self.stop_if_requested("after the final validation; last.pt holds the finished training (resume=auto tests it)")
         self.call("on_fit_end")
         return self.history
 
@@ -207,19 +220,22 @@ class Trainer:
         # ranks so the summed gradients equal the large-batch mean (DDP then averages ranks).
         step_count = sum_number(self.dist, sum(counts))
         normaliser = step_count / self.dist.world_size
+        losses = []  # (loss sum, count, terms) per micro-batch: metered only if the update is applied
         for index, (batch, count) in enumerate(zip(micro_batches, counts)):
             if self.device.type != "cpu":  # loaders yield CPU tensors: nothing to move on a CPU
                 batch = move_to(batch, self.device)
             batch = self.precision.prepare_batch(batch)
             with self.dist.no_sync(model, skip_sync=index < len(micro_batches) - 1):
                 loss_sum, terms = self.task.forward_backward(model, batch, normaliser, self.precision)
-            self.meter.add(loss_sum.detach(), count, terms)
+            losses.append((loss_sum.detach(), count, terms))
         scaler.unscale_(self.optimizer)
         self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
         self.layer_stats.maybe_log(self.model, self.state.global_step + 1)
         if self.update_is_finite():
             scaler.step(self.optimizer)
             scaler.update()
+            for loss_sum, count, terms in losses:
+                self.meter.add(loss_sum, count, terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.after_step()
         self.state.global_step += 1
@@ -262,11 +278,12 @@ class Trainer:
         improved = False
         if options.eval_every_n_steps and step % options.eval_every_n_steps == 0 and val_loader is not None:
             improved = self.validate(val_loader)
-        if improved or (options.save_every_n_steps and step % options.save_every_n_steps == 0):
+        if improved or self.top_k_candidate is not None or (
+                options.save_every_n_steps and step % options.save_every_n_steps == 0):
             self.save(best=improved)
         if options.max_steps and step >= options.max_steps:
             state.stop_reason = "max_steps"
-        if self.dist.any(self.stop_requested):  # every rank stops at the same step
+        if self.dist.any(self.stop_pending()):  # every rank stops at the same step
             state.stop_reason = "preempted"
             self.save()
 
@@ -279,7 +296,7 @@ class Trainer:
         improved = False
         if options.eval_every_n_steps is None and val_loader is not None:
             improved = self.validate(val_loader)
-        if improved or options.save_every_n_steps is None:
+        if improved or self.top_k_candidate is not None or options.save_every_n_steps is None:
             self.save(best=improved)
 
     def finished(self) -> bool:
@@ -290,6 +307,22 @@ class Trainer:
     def request_stop(self) -> None:
         """Stop after the current step, writing a resumable checkpoint (as SIGTERM does)."""
         self.stop_requested = True
+
+    def stop_pending(self) -> bool:
+        """Asked to stop: by ``request_stop`` or by SIGTERM/SIGUSR1 (at any moment of the run)."""
+        return self.stop_requested or STOP.requested
+
+    def stop_if_requested(self, where: str) -> None:
+        """Raise ``Preempted`` on every rank if any rank was asked to stop (between phases,
+        where the files on disk are already what a resume needs)."""
+        if self.dist.any(self.stop_pending()):
+            self.raise_preempted(where)
+
+    def raise_preempted(self, where: str) -> None:
+        self.logger.close()
+        STOP.clear()  # handled: a later run in this process starts afresh
+        self.stop_requested = False
+        raise Preempted(f"stopped on request {where}")
 
     # Logging and evaluation -----------------------------------------------------------------
     def log_train(self) -> None:
@@ -345,6 +378,7 @@ class Trainer:
         value = metrics[options.monitor]
         self.schedule.after_eval(metrics)
         improved = self.is_improvement(value)
+        self.top_k_candidate = value if self.enters_top_k(value) else None
         if improved:
             state.best_metric, state.best_step = value, state.global_step
             state.evals_without_improvement = 0
@@ -358,6 +392,17 @@ class Trainer:
         self.call("on_evaluate_end", metrics)
         return improved
 
+    def enters_top_k(self, value: float) -> bool:
+        """Whether a checkpoint with this monitored value belongs among the ``save_top_k`` best
+        (any evaluation may, not only an improvement on the best)."""
+        k = self.options.save_top_k
+        if k <= 1 or not math.isfinite(value):
+            return False
+        if len(self.state.top_k) < k:
+            return True
+        worst = self.state.top_k[-1][0]
+        return value < worst if self.options.monitor_mode == "min" else value > worst
+
     def is_improvement(self, value: float) -> bool:
         best, delta = self.state.best_metric, self.options.early_stopping_min_delta
         if not math.isfinite(value):
@@ -367,56 +412,81 @@ class Trainer:
         return value < best - delta if self.options.monitor_mode == "min" else value > best + delta
 
     def test(self, loader: Iterable, use_best: bool = True) -> dict[str, float]:
-        """Metrics on the test split, with best.pt's weights when there is one."""
-        best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
-        if use_best and best is not None:
+        """Metrics on the test split, with the weights of this run's best.pt when there is one."""
+        if use_best and self.checkpoint_dir is not None:
             self.dist.barrier()  # every rank, before looking: rank 0 may still be writing best.pt
-            if best.exists():
+            best = self.best_checkpoint()
+            if best is not None:
                 self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
+            elif self.history:
+                self.logger.warning("no best.pt of this run in %s: testing the last weights", self.checkpoint_dir)
         return self.evaluate(loader, "test")
 
+    def best_checkpoint(self) -> Path | None:
+        """``checkpoints/best.pt`` if it is this run's best: written by this run's lineage (the
+        run and the runs it was resumed from) at the best step. A best.pt of another run left
+        in the same directory is never used."""
+        path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        return path if self.is_lineage_best(checkpoint.load(path).get("trainer_state", {})) else None
+
+    def is_lineage_best(self, saved: dict[str, Any]) -> bool:
+        """Whether a checkpoint's trainer_state is this lineage's best (or, without validation, latest)."""
+        step = self.state.best_step if self.state.best_step is not None else self.state.global_step
+        return saved.get("lineage", "") == self.state.lineage and saved.get("global_step") == step
+
     # Checkpoints ----------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
-        """One plain dict, loadable with torch.load(weights_only=True), enough to resume exactly."""
+    def checkpoint_state(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One plain dict, loadable with torch.load(weights_only=True), enough to resume exactly.
+        ``rng_ranks``: every rank's RNG states, in rank order (this process's alone by default)."""
+        rng = checkpoint.capture_rng()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "trainer_state": asdict(self.state),
-            "rng": checkpoint.capture_rng(),
+            "rng": rng,
+            "rng_ranks": rng_ranks or [rng],
             "config": self.config_yaml,
             "trainkit_version": __version__,
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
+            "callbacks": {name: cb.state_dict() for name, cb in self.named_callbacks.items() if hasattr(cb, "state_dict")},
             **self.extra_state,
         }
 
-    def save_checkpoint(self, path: str | Path) -> Path:
+    def save_checkpoint(self, path: str | Path, rng_ranks: list[dict[str, Any]] | None = None) -> Path:
         """Write a resumable checkpoint to ``path`` (main rank only; atomic)."""
         path = Path(path)
         if self.dist.is_main:
-            checkpoint.save(self.checkpoint_state(), path)
+            checkpoint.save(self.checkpoint_state(rng_ranks), path)
         return path
 
     def save(self, best: bool = False) -> None:
-        """last.pt, plus best.pt and the top-k files when the monitored metric improved."""
+        """last.pt, plus best.pt when the monitored metric improved and a top-k file when the
+        last evaluation ranks among the ``save_top_k`` best. Called by every rank (it gathers
+        every rank's RNG states); rank 0 writes."""
         self.last_save_step = self.state.global_step
+        rng_ranks = gather_lists([checkpoint.capture_rng()])  # a collective: before any rank returns
+        candidate, self.top_k_candidate = self.top_k_candidate, None
+        stale = self.rank_top_k(candidate) if candidate is not None else []
         if self.checkpoint_dir is None or not self.dist.is_main:
             return
-        last = self.save_checkpoint(self.checkpoint_dir / "last.pt")
+        last = self.save_checkpoint(self.checkpoint_dir / "last.pt", rng_ranks)
         if best or not self.history:  # without validation, best is simply the latest
             checkpoint.link(last, self.checkpoint_dir / "best.pt")
-        if best and self.options.save_top_k > 1:
-            self.keep_top_k(last)
+        if candidate is not None:
+            checkpoint.link(last, self.checkpoint_dir / top_k_name(self.state.global_step))
+        for name in stale:
+            (self.checkpoint_dir / name).unlink(missing_ok=True)
 
-    def keep_top_k(self, last: Path) -> None:
-        name = f"top-step{self.state.global_step:08d}.pt"
-        checkpoint.link(last, self.checkpoint_dir / name)
-        ranked = sorted([*self.state.top_k, [self.state.best_metric, name]],
+    def rank_top_k(self, value: float) -> list[str]:
+        """Put this step's checkpoint among the top k (before last.pt is written, so last.pt
+        holds the new ranking); returns the names that fell out."""
+        ranked = sorted([*self.state.top_k, [value, top_k_name(self.state.global_step)]],
                         key=lambda item: item[0], reverse=self.options.monitor_mode == "max")
-        for _, stale in ranked[self.options.save_top_k:]:
-            (self.checkpoint_dir / stale).unlink(missing_ok=True)
         self.state.top_k = ranked[: self.options.save_top_k]
+        return [name for _, name in ranked[self.options.save_top_k:]]
 
     def load_checkpoint(self, source: str | Path | dict[str, Any], path: str | Path | None = None) -> None:
         """Continue from a checkpoint (a file, or its loaded dict read from ``path``):
@@ -429,7 +499,7 @@ class Trainer:
         self.schedule.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
-        saved = TrainerState(**state["trainer_state"])
+        saved = trainer_state_from(state["trainer_state"], path)
         if saved.world_size != self.dist.world_size and saved.batch_in_epoch:
             raise ConfigError(
                 f"{path}: written by {saved.world_size} process(es) in the middle of an epoch; resume it "
@@ -438,13 +508,53 @@ class Trainer:
         self.state = saved
         self.state.stop_reason = None
         self.state.world_size = self.dist.world_size
-        for cb in self.callbacks:
-            saved = state.get("callbacks", {}).get(type(cb).__name__)
-            if saved is not None and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(saved)
-        checkpoint.restore_rng(state["rng"])
+        self.load_callbacks(state.get("callbacks") or {})
+        self.restore_rngs(state)
+        if not isinstance(source, dict) or path != "checkpoint":
+            self.adopt_lineage_files(Path(path))
         self.logger.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path,
                          self.state.epoch, self.state.global_step, self.state.batch_in_epoch)
+
+    def load_callbacks(self, saved: dict[str, Any]) -> None:
+        """Each callback's state by its name (checkpoints before names: by class name)."""
+        for name, callback in self.named_callbacks.items():
+            own = saved.get(name, saved.get(type(callback).__name__))
+            if own is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(own)
+
+    def restore_rngs(self, state: dict[str, Any]) -> None:
+        """This rank's RNG states. A rank the checkpoint has no states for (a larger world, or
+        a file from before per-rank states) keeps its own seeded generators."""
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if self.dist.rank < len(per_rank):
+            checkpoint.restore_rng(per_rank[self.dist.rank])
+        else:
+            self.logger.warning("rank %d: the checkpoint holds RNG states for %d rank(s); this rank keeps "
+                                "its own seeded generators", self.dist.rank, len(per_rank))
+
+    def adopt_lineage_files(self, source: Path) -> None:
+        """Resuming into another run directory: this lineage's best.pt and top-k files come
+        along (hard links, else copies), so best.pt is always the best of the whole lineage."""
+        if self.checkpoint_dir is None or not self.dist.is_main:
+            return
+        source_dir = source.resolve().parent
+        if source_dir == self.checkpoint_dir.resolve():
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        candidates = [source_dir / "best.pt", source]
+        best = next((c for c in candidates if c.is_file() and self.is_lineage_best(
+            checkpoint.load(c).get("trainer_state", {}))), None)
+        if best is not None:
+            checkpoint.link(best, self.checkpoint_dir / "best.pt")
+        elif self.state.best_step is not None:
+            self.logger.warning("resume: the best checkpoint of this run (step %d) is not in %s; best.pt "
+                                "appears at the next improvement", self.state.best_step, source_dir)
+        kept = []
+        for value, name in self.state.top_k:
+            if (source_dir / name).is_file():
+                checkpoint.link(source_dir / name, self.checkpoint_dir / name)
+                kept.append([value, name])
+        self.state.top_k = kept
 
     def call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -453,57 +563,88 @@ class Trainer:
                 method(self, *args)
 
 
+def top_k_name(step: int) -> str:
+    return f"top-step{step:08d}.pt"
+
+
+def callback_names(callbacks: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """Callbacks by name: a mapping as given; a sequence by class name, numbered when repeated."""
+    if isinstance(callbacks, Mapping):
+        return dict(callbacks)
+    classes = [type(callback).__name__ for callback in callbacks]
+    return {(name if classes.count(name) == 1 else f"{name}.{classes[:index].count(name)}"): callback
+            for index, (name, callback) in enumerate(zip(classes, callbacks))}
+
+
+def trainer_state_from(saved: Any, path: Any) -> TrainerState:
+    """A checkpoint's trainer_state, checked: unknown keys are ignored, wrong types refused."""
+    known = TrainerState.__dataclass_fields__
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in ("epoch", "global_step")):
+        raise ConfigError(f"checkpoint {path}: its trainer_state is not a trainkit trainer state")
+    return TrainerState(**{key: value for key, value in saved.items() if key in known})
+
+
 # train_model ------------------------------------------------------------------------------------
 def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
     """Build everything from a composed config and train it; see the module docstring."""
-    from omegaconf import OmegaConf
 
     from trainkit import distributed
-    from trainkit.build import build
 
     started = time.perf_counter()
     if cfg.distributed.nproc_per_node > 1 and not distributed.under_torchrun():
         return self_launch(cfg, Path(run_dir) if run_dir is not None else current_run_dir(cfg))
     dist = distributed.setup(cfg.device.type, cfg.distributed.backend)
     try:
-        run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
-        if dist.is_main:
-            check_writable(run_dir)
-        seed_everything(cfg.seed)
-        parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
-        resume = find_resume(cfg.resume, run_dir)
-        precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
-                              cfg.precision.get("param_dtype"))
-        logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                           progress_bar=cfg.logging.progress_bar)
-        trainer = Trainer(
-            parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
-            dist=dist, run_dir=run_dir, callbacks=parts.callbacks, logger=logger,
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
-            histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
-            **OmegaConf.to_container(cfg.trainer),
-        )
-        logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
-                    f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
-        if resume is not None:
-            trainer.load_checkpoint(resume[1], path=resume[0])
-        try:
-            trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
-            test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
-            test = trainer.test(test_loader) if test_loader is not None else {}
-        finally:
-            logger.close()
-        result = make_result(trainer, test, run_dir, time.perf_counter() - started)
-        if dist.is_main:
-            logger.log_metrics(test, trainer.state.global_step, trainer.state.epoch)
-            logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
-            logger.close()
-            (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-            logger.info("done: %s = %s; test %s; result in %s", result.monitor, result.best_metric,
-                        json.dumps(test), run_dir / "result.json")
-        return result
+        with stop_signals():  # a SIGTERM from here on stops the run at the next safe point (exit 75)
+            return train_in(cfg, dist, Path(run_dir) if run_dir is not None else current_run_dir(cfg), started)
     finally:
+        STOP.clear()
         dist.teardown()
+
+
+def train_in(cfg: Any, dist: Dist, run_dir: Path, started: float) -> TrainResult:
+    """The run itself, once the process group is up: build, resume, fit, test, report."""
+    from omegaconf import OmegaConf
+
+    from trainkit.build import build
+
+    if dist.is_main:
+        check_writable(run_dir)
+    seed_everything(rank_seed(cfg.seed, dist.rank))  # dropout and augmentation differ by rank
+    parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
+    resume = find_resume(cfg.resume, run_dir)
+    precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
+                          cfg.precision.get("param_dtype"))
+    logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                       progress_bar=cfg.logging.progress_bar)
+    callbacks = dict(zip((cfg.get("callbacks") or {}).keys(), parts.callbacks))  # state kept by config name
+    trainer = Trainer(
+        parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
+        dist=dist, run_dir=run_dir, callbacks=callbacks, logger=logger,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
+        histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
+        **OmegaConf.to_container(cfg.trainer),
+    )
+    logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
+                f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
+    if resume is not None:
+        trainer.load_checkpoint(resume[1], path=resume[0])
+    try:
+        trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
+        test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
+        trainer.stop_if_requested("before the test pass; last.pt holds the finished training (resume=auto tests it)")
+        test = trainer.test(test_loader) if test_loader is not None else {}
+    finally:
+        logger.close()
+    result = make_result(trainer, test, run_dir, time.perf_counter() - started)
+    if dist.is_main:
+        logger.log_metrics(test, trainer.state.global_step, trainer.state.epoch)
+        logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
+        logger.close()
+        (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+        logger.info("done: %s = %s; test %s; result in %s", result.monitor, result.best_metric,
+                    json.dumps(test), run_dir / "result.json")
+    return result
 
 
 def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
@@ -538,7 +679,7 @@ def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_ti
     unit = trainer.task.count_unit
     return TrainResult(
         monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=final, test=test,
-        history=trainer.history, best_checkpoint=checkpoints / "best.pt" if checkpoints else None,
+        history=trainer.history, best_checkpoint=trainer.best_checkpoint() if trainer.dist.is_main else None,
         last_checkpoint=checkpoints / "last.pt" if checkpoints else None, run_dir=run_dir,
         global_step=trainer.state.global_step, epoch=trainer.state.epoch, wall_time_s=wall_time_s,
         throughput={f"{unit}_per_second": trainer.train_units / max(trainer.train_seconds, 1e-9)},
