@@ -62,12 +62,14 @@ def test_different_seeds_differ(compose, tmp_path):
 
 def test_accumulation_equals_large_batch(compose, tmp_path):
     # 1,259 training samples: 39 full steps and a last short one per epoch, crossed twice.
+    # float64: summation order is the only difference, far below the 1e-10 tolerance.
     common = ["data.shuffle=false", "model.dropout=0", "trainer.max_steps=90", "optimizer=sgd",
-              "optimizer.lr=0.05"]
+              "optimizer.lr=0.05", "precision=fp64"]
     run(compose, tmp_path, "accum", *common, "data.batch_size=8", "trainer.grad_accum_steps=4")
     run(compose, tmp_path, "large", *common, "data.batch_size=32")
-    assert_same_weights(load_weights(tmp_path / "accum/checkpoints/last.pt"),
-                        load_weights(tmp_path / "large/checkpoints/last.pt"), atol=1e-6)
+    accumulated = load_weights(tmp_path / "accum/checkpoints/last.pt")
+    assert {weight.dtype for weight in accumulated.values()} == {torch.float64}
+    assert_same_weights(accumulated, load_weights(tmp_path / "large/checkpoints/last.pt"), atol=1e-10)
 
 
 @pytest.mark.parametrize("stop_step", [13, 40], ids=["mid-epoch", "epoch-boundary"])
@@ -165,10 +167,25 @@ def test_noam_schedule_matches_formula_over_the_run(compose, tmp_path):
 
 
 def test_plateau_scheduler_steps_on_the_monitored_metric(compose, tmp_path):
-    result = run(compose, tmp_path, "plateau", "scheduler=plateau", "scheduler.patience=0",
-                 "scheduler.factor=0.5", "trainer.max_epochs=4", "optimizer.lr=10.0", "optimizer=sgd")
-    lrs = learning_rates(tmp_path, "plateau")
-    assert result.global_step == 80 and min(lrs.values()) < 10.0
+    """patience=0: the rate halves right after each evaluation whose val/accuracy (the
+    monitor, mode max) is not above the best so far by the relative threshold, and only then."""
+    run(compose, tmp_path, "plateau", "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5",
+        "scheduler.threshold=1e-4", "trainer.max_epochs=8", "optimizer.lr=10.0", "optimizer=sgd",
+        "trainer.log_every_n_steps=1")
+    lrs = learning_rates(tmp_path, "plateau")  # the rate logged after `step` steps is the next step's
+    events = [json.loads(line) for line in (tmp_path / "plateau/metrics.jsonl").read_text().splitlines()]
+    evaluations = {e["step"]: e["val/accuracy"] for e in events if "val/accuracy" in e}
+    assert sorted(lrs) == list(range(1, 161)) and sorted(evaluations) == list(range(20, 161, 20))
+    best, improved, stalled = -math.inf, [], []
+    for step, accuracy in evaluations.items():
+        if accuracy > best * (1 + 1e-4):  # ReduceLROnPlateau's rule for mode max, threshold_mode rel
+            best = accuracy
+            improved.append(step)
+        else:
+            stalled.append(step)
+    assert improved and stalled  # the run has both kinds of evaluation
+    for step in range(1, 160):
+        assert lrs[step + 1] == lrs[step] * (0.5 if step in stalled else 1.0), f"after step {step}"
 
 
 def test_early_stopping(compose, tmp_path):
@@ -190,10 +207,32 @@ def test_top_k_checkpoints_are_kept(compose, tmp_path):
     assert len(names) == 2
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_trains(compose, tmp_path, precision):
-    result = run(compose, tmp_path, precision, f"precision={precision}", "trainer.max_epochs=3")
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_trains(compose, tmp_path, precision, dtype):
+    """Autocast runs every training-step Linear in the reduced dtype; fp16's scaler scales
+    the loss (bf16 has none); the run still learns."""
+    output_dtypes, head_grads = [], []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.training and output.requires_grad:
+            output_dtypes.append(output.dtype)
+            if module.out_features == 10:  # the head: the gradient of the 10 digit logits
+                output.register_hook(lambda grad: head_grads.append(float(grad.abs().max())))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = run(compose, tmp_path, precision, f"precision={precision}", "trainer.max_epochs=3")
+    finally:
+        hook.remove()
     assert result.best_metric > 0.8
+    assert len(output_dtypes) == 3 * 60 and set(output_dtypes) == {dtype}  # 3 Linears, 20 steps x 3 epochs
+    # The step's loss is a sum divided by the batch's count, so an unscaled gradient of a
+    # logit is at most 1/43 (the smallest batch); fp16 multiplies it by the loss scale.
+    scaler = torch.load(tmp_path / precision / "checkpoints/last.pt", weights_only=True)["scaler"]
+    if precision == "fp16":
+        assert scaler.get("scale", 1.0) >= 2.0**10 and max(head_grads) > 1.0
+    else:
+        assert scaler == {} and max(head_grads) < 1 / 43 + 1e-2
 
 
 def test_callback_state_is_saved_and_restored(compose, tmp_path):
@@ -201,10 +240,10 @@ def test_callback_state_is_saved_and_restored(compose, tmp_path):
     with pytest.raises(Preempted):
         run(compose, tmp_path, "first", count, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 7}")
     state = torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)
-    assert state["callbacks"]["CountSteps"] == {"steps": 7}
+    assert state["callbacks"]["count"] == {"steps": 7}
     run(compose, tmp_path, "second", count, "trainer.max_epochs=1", "resume=auto")
     final = torch.load(tmp_path / "second/checkpoints/last.pt", weights_only=True)
-    assert final["callbacks"]["CountSteps"] == {"steps": 20}  # 7 before the stop + 13 after
+    assert final["callbacks"]["count"] == {"steps": 20}  # 7 before the stop + 13 after
 
 
 def test_a_submodule_frozen_in_eval_mode_stays_frozen(tmp_path):

@@ -495,10 +495,16 @@ class Trainer:
         state = source if isinstance(source, dict) else checkpoint.load(source)
         checkpoint.check_complete(state, path)
         load_weights(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
+        check_optimizer_fits(self.optimizer, state["optimizer"], path)
+        parts = [("optimizer", self.optimizer), ("scheduler", self.schedule),
+                 *([("scaler", self.precision.scaler)] if state["scaler"] else [])]
+        for key, part in parts:
+            try:
+                part.load_state_dict(state[key])
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:
+                raise ConfigError(f"{path}: its {key} state does not fit the configured {key} "
+                                  f"({type(error).__name__}: {error}); resume with the {key} it was trained "
+                                  "with, or start from its weights only with init_from=...") from None
         saved = trainer_state_from(state["trainer_state"], path)
         if saved.world_size != self.dist.world_size and saved.batch_in_epoch:
             raise ConfigError(
@@ -561,6 +567,21 @@ class Trainer:
             method = getattr(callback, hook, None)
             if method is not None:
                 method(self, *args)
+
+
+def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Any, path: Any) -> None:
+    """A checkpoint's optimizer state must be of the configured optimizer: the same settings
+    in every parameter group (torch would load Adam's groups into SGD and fail at the step)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    not_settings = {"params", "initial_lr"}  # initial_lr belongs to the scheduler
+    ours = [set(group) - not_settings for group in optimizer.state_dict()["param_groups"]]
+    theirs = [set(group) - not_settings for group in groups if isinstance(group, dict)] if isinstance(groups, list) else []
+    if theirs != ours:
+        differ = sorted(set().union(*theirs, *ours) - (set.intersection(*theirs, *ours) if theirs and ours else set()))
+        raise ConfigError(f"{path}: its optimizer state is not of the configured {type(optimizer).__name__} "
+                          f"({len(theirs)} vs {len(ours)} parameter groups; settings that differ: "
+                          f"{', '.join(differ) or 'none'}); resume with the optimizer it was trained with, or "
+                          "start from its weights only with init_from=...")
 
 
 def top_k_name(step: int) -> str:
