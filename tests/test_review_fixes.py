@@ -66,6 +66,15 @@ def test_best_pt_follows_a_resume_into_a_new_directory(compose, tmp_path, whole_
     assert result.test == whole_run.test  # tested on the lineage's best, not on the last weights
 
 
+def test_a_save_after_a_resume_before_any_validation_keeps_the_lineage_best(compose, tmp_path):
+    last = stopped_run(compose, tmp_path / "first")
+    with pytest.raises(Preempted):
+        train_model(compose([*DIGITS, *FIRST_IS_BEST, f"resume={last}", "trainer.save_every_n_steps=1",
+                             "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 30}"]), run_dir=tmp_path / "second")
+    assert trainer_state(tmp_path / "second/checkpoints/last.pt")["global_step"] == 30
+    assert trainer_state(tmp_path / "second/checkpoints/best.pt")["global_step"] == 20
+
+
 def test_a_resume_into_a_directory_with_another_runs_best_pt_ignores_it(compose, tmp_path, whole_run):
     shared = tmp_path / "shared"
     train_model(compose([*DIGITS, "seed=5", "trainer.max_epochs=1"]), run_dir=shared)  # another run's best.pt

@@ -473,7 +473,7 @@ class Trainer:
         if self.checkpoint_dir is None or not self.dist.is_main:
             return
         last = self.save_checkpoint(self.checkpoint_dir / "last.pt", rng_ranks)
-        if best or not self.history:  # without validation, best is simply the latest
+        if best or (self.state.best_step is None and not self.history):  # without validation, best is the latest
             checkpoint.link(last, self.checkpoint_dir / "best.pt")
         if candidate is not None:
             checkpoint.link(last, self.checkpoint_dir / top_k_name(self.state.global_step))
