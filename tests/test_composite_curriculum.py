@@ -185,7 +185,7 @@ def test_model_loss_task_explains_an_output_without_loss():
 
 
 def test_a_hugging_face_model_trains_without_a_loss_function(monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers is not in .[dev] (model=hf needs it)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # built from a config: nothing is downloaded
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=16, n_layer=1, n_head=2,

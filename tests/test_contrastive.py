@@ -36,15 +36,17 @@ def step(task: ContrastiveTask, model: torch.nn.Module, images: torch.Tensor, pr
 
 @pytest.mark.parametrize("chunk_size", [8, 12, 40])
 def test_gradient_cache_equals_the_full_batch(chunk_size):
+    """In float64 (precision fp64), where only summation order may differ: 1e-10."""
     torch.manual_seed(0)
-    model = MLP(64, 16, hidden_sizes=[32], dropout=0.0)
-    images = digits(40)
-    precision = Precision(torch.device("cpu"))
+    precision = Precision(torch.device("cpu"), param_dtype="float64")
+    model = precision.prepare_model(MLP(64, 16, hidden_sizes=[32], dropout=0.0))
+    images = precision.prepare_batch(digits(40))
     full_loss, full_grads = step(ContrastiveTask(64), model, images, precision)
     cached_loss, cached_grads = step(ContrastiveTask(64, gradient_cache_chunk_size=chunk_size), model, images, precision)
-    torch.testing.assert_close(cached_loss, full_loss, atol=1e-5, rtol=0)
+    assert full_loss.dtype == torch.float64
+    torch.testing.assert_close(cached_loss, full_loss, atol=1e-10, rtol=0)
     for name, grad in full_grads.items():
-        torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
+        torch.testing.assert_close(cached_grads[name], grad, atol=1e-10, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
     assert float(full_loss.detach()) > 0
 
 
@@ -150,12 +152,13 @@ def env() -> dict[str, str]:
 @pytest.mark.slow
 def test_gradient_cache_under_ddp_equals_plain_ddp(tmp_path):
     common = ["+experiment=digits_contrastive", "model.dropout=0", "trainer.max_steps=6", "scheduler=none",
-              "data.batch_size=64", "distributed.nproc_per_node=2", *QUIET]
+              "data.batch_size=64", "distributed.nproc_per_node=2", "precision=fp64", *QUIET]
     for name, chunk in (("cached", 16), ("plain", "null")):
         out = subprocess.run([sys.executable, "-m", "trainkit", "train", *common,
                               f"trainer.gradient_cache.chunk_size={chunk}", f"hydra.run.dir=outputs/{name}"],
                              cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_weights(load_weights(tmp_path / "outputs/cached/checkpoints/last.pt"),
-                        load_weights(tmp_path / "outputs/plain/checkpoints/last.pt"), atol=1e-5)
+    cached = load_weights(tmp_path / "outputs/cached/checkpoints/last.pt")
+    assert {weight.dtype for weight in cached.values()} == {torch.float64}  # only rounding may differ: 1e-10
+    assert_same_weights(cached, load_weights(tmp_path / "outputs/plain/checkpoints/last.pt"), atol=1e-10)
 

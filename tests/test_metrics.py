@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchmetrics  # in .[dev]: a missing install fails here instead of skipping
 
 from trainkit import metrics
-
-torchmetrics = pytest.importorskip("torchmetrics")
 
 
 def batches(seed: int, classes: int = 7, outputs: int | None = None):
