@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainkit.errors import ConfigError, ConfigErrors, did_you_mean
 from trainkit.lora import apply_finetune
 from trainkit.schema import check_values
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# What a config read from a checkpoint may build without the user's say-so: classes of
+# trainkit's component modules, torch.nn and torch.optim. Not trainkit.checkpoint, .export,
+# .train, .logs, ...: those read and write files.
+COMPONENTS = ("trainkit.models", "trainkit.data", "trainkit.tasks", "trainkit.losses", "trainkit.schedulers",
+              "trainkit.callbacks", "trainkit.metrics", "trainkit.distill", "trainkit.curriculum",
+              "torch.nn", "torch.optim")
+DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# The user's trust list while a config is built (``trust`` of the run, or of the eval/export/
+# translate command line): a distillation teacher loaded inside the build checks its own
+# stored config against it. Never taken from a stored config.
+TRUST: ContextVar[tuple[str, ...]] = ContextVar("trainkit_trust", default=())
 
 
 def resolve_target(node: Any, path: str) -> Any:
@@ -91,6 +106,127 @@ def instantiate(node: Any, path: str, runtime: dict[str, Any] | None = None, **f
         raise ConfigError(f"{path}: {node._target_} rejected its arguments: {cause}") from None
 
 
+# Trust: what a checkpoint's stored config may build --------------------------------------------
+def under(name: str, prefixes: Iterable[str]) -> bool:
+    """``name`` is one of ``prefixes`` or inside one, on module boundaries (``trainkit`` covers
+    ``trainkit.x``, never ``trainkitevil.x``)."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def parse_trust(value: Any, key: str = "trust") -> tuple[str, ...]:
+    """Module prefixes from a list or a command-line value (``[mypkg,other]`` or ``mypkg``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        value = [part.strip().strip("'\"") for part in text.split(",")] if text.strip() else []
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple, ListConfig)):
+        raise ConfigError(f"{key}={value!r}: expected a list of module prefixes, e.g. {key}=[mypkg]")
+    prefixes = tuple(str(prefix) for prefix in value)
+    for prefix in prefixes:
+        if not DOTTED.match(prefix):
+            raise ConfigError(f"{key}: {prefix!r} is not a module prefix (dotted names, e.g. {key}=[mypkg,other.models])")
+    return prefixes
+
+
+@contextmanager
+def trusting(prefixes: Iterable[str]) -> Iterator[None]:
+    """Within the block, checkpoints read while building (a teacher) trust ``prefixes``."""
+    token = TRUST.set(tuple(prefixes))
+    try:
+        yield
+    finally:
+        TRUST.reset(token)
+
+
+def check_trusted(cfg: Any, source: str, trust: Sequence[str] = ()) -> None:
+    """Refuse a config read from ``source`` (a checkpoint) unless every ``_target_`` in it, at
+    any depth (dicts, lists, ``_args_``, loss terms, callbacks), is allowed: a class of
+    trainkit's components, ``torch.nn`` or ``torch.optim``, or anything under a prefix in
+    ``trust``. The string is checked before anything is imported (an import can run code);
+    then the object it resolves to must itself live under an allowed module, so attribute
+    traversal (``torch.nn.functional.torch.load``) gets nowhere. Interpolations are refused:
+    a stored config is resolved when written, and a resolver could read the environment or
+    make new nodes after this check. Raises ``ConfigError`` naming the key and the target."""
+    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    for key, target in stored_targets(tree, "", source):
+        check_target(target, key, source, tuple(trust))
+
+
+def stored_targets(node: Any, key: str, source: str) -> Iterator[tuple[str, Any]]:
+    """(key, ``_target_`` value) of every node in a plain config tree, depth first."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield key, node["_target_"]
+        for name, child in node.items():
+            yield from stored_targets(child, f"{key}.{name}" if key else str(name), source)
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from stored_targets(child, f"{key}[{index}]", source)
+    elif isinstance(node, str) and "${" in node:
+        raise ConfigError(f"checkpoint {source}: its stored config holds an interpolation at {key} ({node[:80]}); "
+                          "trainkit stores configs resolved, so this one was edited: refusing it")
+
+
+def check_target(target: Any, key: str, source: str, trust: tuple[str, ...]) -> None:
+    where = f"checkpoint {source}: its stored config names {key + '.' if key else ''}_target_={target}"
+    if not isinstance(target, str) or not DOTTED.match(target):
+        raise ConfigError(f"{where}, which is not a dotted import path; refusing the checkpoint")
+    if not under(target, COMPONENTS + trust):
+        raise ConfigError(f"{where}, which is not trusted ({allowed_text(trust)}); "
+                          f"if you trust this checkpoint, add trust=[{trust_hint(target.rpartition('.')[0] or target)}] "
+                          "to the command line")
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception as error:  # import errors of user modules come in many types
+        raise ConfigError(f"{where}, which cannot be imported: {error.__cause__ or error}") from None
+    modules = defining_modules(obj)
+    allowed = COMPONENTS + trust if inspect.isclass(obj) else trust  # functions only where trusted
+    if not modules or not all(module and under(module, allowed) for module in modules):
+        what = describe(obj)
+        hint = trust_hint(next((m for m in modules if m and not under(m, allowed)), target.rpartition(".")[0]))
+        raise ConfigError(f"{where}, which resolves to {what}: not trusted ({allowed_text(trust)}); "
+                          f"if you trust this checkpoint, add trust=[{hint}] to the command line")
+
+
+def defining_modules(obj: Any) -> list[str | None]:
+    """The modules an object comes from: a class's or function's own, plus for a bound method
+    its owner's. Empty for anything that is not a class or a function (an instance, a module)."""
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        return [obj.__module__]
+    if inspect.ismethod(obj) or inspect.isbuiltin(obj):
+        owner = getattr(obj, "__self__", None)
+        modules = [getattr(obj, "__module__", None)]
+        if owner is not None and not inspect.ismodule(owner):
+            modules.append(owner.__module__ if inspect.isclass(owner) else type(owner).__module__)
+        return modules
+    return []
+
+
+def describe(obj: Any) -> str:
+    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+        kind = "the class" if inspect.isclass(obj) else "the function"
+        return f"{kind} {getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', obj)}"
+    return f"a {type(obj).__name__} object (not a class or function)"
+
+
+def allowed_text(trust: tuple[str, ...]) -> str:
+    parts = ",".join(c.removeprefix("trainkit.") for c in COMPONENTS if c.startswith("trainkit."))
+    trusted = f"; trusted here: {', '.join(trust)}" if trust else ""
+    return f"allowed: classes in trainkit.{{{parts}}}, torch.nn, torch.optim{trusted}"
+
+
+def trust_hint(module: str) -> str:
+    """The prefix to trust for ``module``: its top package, or the module itself inside
+    trainkit and torch (trusting all of them would trust their file readers and writers too)."""
+    top = module.split(".")[0]
+    return module if top in ("trainkit", "torch") else top
+
+
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases and normalisation weights (ndim <= 1) are exempt."""
     decay, no_decay = [], []
@@ -125,35 +261,42 @@ def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
 def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
           data_state: dict[str, Any] | None = None) -> Components:
     """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
-    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back."""
+    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back. A config
+    read from a checkpoint must have passed ``check_trusted`` (``inference.read_checkpoint``
+    does that and puts the user's own ``trust`` list in it)."""
     from trainkit.checkpoint import require_safe_torch
 
     require_safe_torch()
     problems = check_values(cfg)
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
-    data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
-                                          "data_state": data_state})
-    offered = dict(data.runtime_kwargs())
-    model = instantiate(cfg.model, "model", offered)
-    model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
-    loss = None
-    if cfg.get("loss") is not None:
-        loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))
-    task = instantiate(cfg.task, "task", {**offered, "loss_fn": loss, "model": model})
-    train_loader = data.loader("train")
-    steps_per_epoch, total_steps = optimizer_steps(cfg, len(train_loader))
-    weight_decay = cfg.optimizer.get("weight_decay", 0.0) or 0.0
-    optimizer = instantiate(cfg.optimizer, "optimizer", params=param_groups(model, weight_decay))
-    scheduler_runtime = {"total_steps": total_steps, "d_model": getattr(model, "d_model", None),
-                         "mode": cfg.trainer.monitor_mode}
-    scheduler = None
-    if cfg.get("scheduler") is not None:
-        scheduler = instantiate(cfg.scheduler, "scheduler", scheduler_runtime, optimizer=optimizer)
-    # A callback may ask for its key (name) and the run's length (a curriculum schedule does).
-    callbacks = [instantiate(node, f"callbacks.{name}", {"name": name, "steps_per_epoch": steps_per_epoch,
-                                                          "total_steps": total_steps})
-                 for name, node in (cfg.get("callbacks") or {}).items()]
+    # A distillation teacher built here checks its checkpoint against the run's own trust list.
+    with trusting(parse_trust(cfg.get("trust"))):
+        data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
+                                              "data_state": data_state})
+        offered = dict(data.runtime_kwargs())
+        model = instantiate(cfg.model, "model", offered)
+        model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
+        loss = None
+        if cfg.get("loss") is not None:
+            loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))
+        task = instantiate(cfg.task, "task", {**offered, "loss_fn": loss, "model": model})
+        train_loader = data.loader("train")
+        steps_per_epoch, total_steps = optimizer_steps(cfg, len(train_loader))
+        weight_decay = cfg.optimizer.get("weight_decay", 0.0) or 0.0
+        optimizer = instantiate(cfg.optimizer, "optimizer", params=param_groups(model, weight_decay))
+        scheduler_runtime = {"total_steps": total_steps, "d_model": getattr(model, "d_model", None),
+                             "mode": cfg.trainer.monitor_mode}
+        scheduler = None
+        if cfg.get("scheduler") is not None:
+            scheduler = instantiate(cfg.scheduler, "scheduler", scheduler_runtime, optimizer=optimizer)
+        # A callback may ask for its key (name) and the run's length (a curriculum schedule does).
+        callbacks = [instantiate(node, f"callbacks.{name}", {"name": name, "steps_per_epoch": steps_per_epoch,
+                                                              "total_steps": total_steps})
+                     for name, node in (cfg.get("callbacks") or {}).items()]
+    from trainkit.checks import check_fit  # one dry forward: a misfit is a ConfigError now, not at step 1
+
+    check_fit(cfg, data, model, task)
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
 
 

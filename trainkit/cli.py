@@ -22,9 +22,10 @@ usage: trainkit COMMAND [ARGS]
 commands:
   train      [overrides]            train from conf/ (a Hydra app: -m, --cfg job, --help, --config-dir)
   validate   [overrides]            compose and build everything, train nothing, report every problem
-  eval       ckpt=PATH [split=val|test] [device=cpu]   evaluate a checkpoint with its own config
+  eval       ckpt=PATH [split=val|test] [device=cpu] [data.KEY=VALUE]   evaluate a checkpoint with its own config
   translate  ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=...]   stdin -> stdout
   export     ckpt=PATH format=safetensors|torchscript|onnx|merged [out=PATH]   the model outside trainkit
+             (eval, translate, export: trust=[mypkg] lets the checkpoint's stored config build mypkg's targets)
   report     DIR [out=FILE.png]     a sweep's summary table (or a run's result) and a picture of its curves
 
 examples:
@@ -219,39 +220,62 @@ def run_validate(args: list[str]) -> int:
 
 
 # eval and translate -----------------------------------------------------------------------------
-def parse_pairs(args: list[str], allowed: dict[str, str], command: str) -> dict[str, str]:
-    """key=value arguments of eval/translate, with a suggestion for a misspelled key."""
+def parse_pairs(args: list[str], allowed: dict[str, str], command: str,
+                prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """key=value arguments of eval/translate/export, with a suggestion for a misspelled key;
+    keys starting with one of ``prefixes`` (``data.``) pass as they are."""
     values = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
             raise ConfigError(f"{command}: expected key=value, got {arg!r} (keys: {', '.join(allowed)})")
-        if key not in allowed:
+        if key not in allowed and not any(key.startswith(p) and len(key) > len(p) for p in prefixes):
             raise ConfigError(f"{command}: unknown key {key!r}{did_you_mean(key, allowed)} (keys: {', '.join(allowed)})")
         values[key] = value
     return values
 
 
+TRUST_HELP = "module prefixes the checkpoint's stored config may build, e.g. trust=[mypkg]"
+
+
+def log_to_stderr() -> None:
+    """eval, translate and export say on stderr what they read (their results go to stdout)."""
+    import logging
+
+    logger = logging.getLogger("trainkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("trainkit: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run_eval(args: list[str]) -> int:
+    from trainkit.build import parse_trust
     from trainkit.inference import evaluate_checkpoint
 
+    log_to_stderr()
     options = parse_pairs(args, {"ckpt": "checkpoint path", "split": "val|test", "device": "cpu|cuda|auto",
-                                 "batch_size": "override"}, "eval")
+                                 "batch_size": "override", "trust": TRUST_HELP}, "eval", ("data.",))
     if "ckpt" not in options:
         raise ConfigError("eval: ckpt=PATH is required (for example ckpt=outputs/<name>/<time>/checkpoints/best.pt)")
     try:
         batch_size = int(options["batch_size"]) if "batch_size" in options else None
     except ValueError:
         raise ConfigError(f"eval: batch_size={options['batch_size']!r} must be a whole number") from None
-    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"), batch_size)
+    data = {key: value for key, value in options.items() if key.startswith("data.")}
+    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"), batch_size,
+                        parse_trust(options.get("trust")), data)
     return 0
 
 
 def run_translate(args: list[str]) -> int:
+    from trainkit.build import parse_trust
     from trainkit.inference import translate_stream
 
+    log_to_stderr()
     options = parse_pairs(args, {"ckpt": "", "input": "", "beam": "", "batch_size": "", "max_len": "",
-                                 "device": "", "length_penalty": ""}, "translate")
+                                 "device": "", "length_penalty": "", "trust": TRUST_HELP}, "translate")
     if "ckpt" not in options:
         raise ConfigError("translate: ckpt=PATH is required")
     try:
@@ -264,19 +288,22 @@ def run_translate(args: list[str]) -> int:
     if beam < 1 or batch_size < 1:
         raise ConfigError("translate: beam and batch_size must be at least 1")
     translate_stream(options["ckpt"], options.get("input"), beam, batch_size, max_len,
-                     length_penalty, options.get("device", "cpu"))
+                     length_penalty, options.get("device", "cpu"), trust=parse_trust(options.get("trust")))
     return 0
 
 
 # export -----------------------------------------------------------------------------------------
 def run_export(args: list[str]) -> int:
+    from trainkit.build import parse_trust
     from trainkit.export import EXTENSIONS, export_checkpoint
 
+    log_to_stderr()
     options = parse_pairs(args, {"ckpt": "checkpoint path", "format": "|".join(EXTENSIONS),
-                                 "out": "output path"}, "export")
+                                 "out": "output path", "trust": TRUST_HELP}, "export")
     if "ckpt" not in options or "format" not in options:
         raise ConfigError(f"export: ckpt=PATH and format={'|'.join(EXTENSIONS)} are required")
-    for path in export_checkpoint(options["ckpt"], options["format"], options.get("out")):
+    for path in export_checkpoint(options["ckpt"], options["format"], options.get("out"),
+                                  parse_trust(options.get("trust"))):
         print(f"wrote {path}")
     return 0
 

@@ -16,12 +16,14 @@ are compared on the same ``val/loss``. ``alpha`` and ``temperature`` are plain a
 a callback may schedule them (``trainer.task.loss_fn.alpha``).
 
 Never: train the teacher, let it leave eval mode, or put it in the student's module tree
-(so ``model.train()``, the optimizer and checkpoints never see it); load a checkpoint other
-than through ``trainkit.checkpoint.load`` (weights only).
+(so ``model.train()``, the optimizer and checkpoints never see it); read a teacher other
+than through ``trainkit.inference.read_checkpoint`` (weights only, its stored config
+checked against the user's trust list before anything in it is built).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from trainkit.errors import ConfigError
 
+log = logging.getLogger("trainkit")
 TEACHER_HINT = ("train a teacher first and pass its checkpoint, e.g. `trainkit train +experiment=nmt_base "
                 "hydra.run.dir=outputs/teacher_nmt` then loss.teacher_ckpt=outputs/teacher_nmt/checkpoints/best.pt "
                 "(digits: +experiment=digits_mlp model.hidden_sizes=[512,512])")
@@ -55,16 +58,18 @@ class FrozenTeacher(nn.Module):
 def load_teacher(path: str | Path, runtime: dict[str, Any]) -> tuple[FrozenTeacher, Any]:
     """The frozen teacher stored in a trainkit checkpoint and its tokenizer (None if it has none).
 
-    ``runtime`` holds the student data's values (in/out features) the teacher's model needs
-    when its checkpoint does not carry its own (a tokenizer carries the vocabulary sizes).
+    The teacher's stored config must be trusted (``trainkit.build.check_trusted``) under the
+    trust list of the build that loads it: the run's own ``trust`` key in ``trainkit train``,
+    the command line's in ``eval``. Its model is sized by the values stored in its checkpoint;
+    ``runtime`` holds the student data's values (in/out features), used for a checkpoint
+    written before trainkit stored them (a tokenizer carries the vocabulary sizes).
     """
-    from trainkit.build import instantiate
-    from trainkit.inference import read_checkpoint
-    from trainkit.train import load_weights
+    from trainkit.build import TRUST
+    from trainkit.inference import read_checkpoint, rebuild_model, stored_runtime
 
     if not Path(path).is_file():
         raise ConfigError(f"loss.teacher_ckpt={path}: no such file; {TEACHER_HINT}")
-    state, cfg = read_checkpoint(path)
+    state, cfg = read_checkpoint(path, TRUST.get())
     if cfg.get("finetune") is not None:
         raise ConfigError(f"loss.teacher_ckpt={path}: a LoRA checkpoint holds adapters only; merge it first "
                           "(trainkit export format=merged) and distill from the merged checkpoint")
@@ -76,8 +81,11 @@ def load_teacher(path: str | Path, runtime: dict[str, Any]) -> tuple[FrozenTeach
 
         tokenizer = tokenizer_from_state(tokenizer_state)
         runtime = {**runtime, **runtime_for(tokenizer)}
-    model = instantiate(cfg.model, "loss.teacher_ckpt (the teacher's model)", runtime)
-    load_weights(model, state["model"], path)
+    elif stored_runtime(state, path) is None:
+        log.info("loss.teacher_ckpt=%s holds no runtime values (written by an older trainkit): the teacher's "
+                 "model is sized from the student's data", path)
+    model = rebuild_model(path, state, cfg, "loss.teacher_ckpt", runtime,
+                          label="loss.teacher_ckpt (the teacher's model)")
     return FrozenTeacher(model), tokenizer
 
 

@@ -2,8 +2,10 @@
 or as a plain checkpoint with LoRA adapters merged in (``format=merged``).
 
 The model is rebuilt from the config stored in the checkpoint (read with
-``weights_only=True``); a LoRA checkpoint is rebuilt on its ``init_from`` base and its
-adapters merged, so every format holds one plain model. Beside the exported file go the
+``weights_only=True``, every ``_target_`` in it trusted first, see
+``trainkit.inference.read_checkpoint``) and the runtime values stored beside it, without
+reading data; a LoRA checkpoint is rebuilt on its ``init_from`` base and its adapters
+merged, so every format holds one plain model. Beside the exported file go the
 resolved config (``<base>.yaml``) and, for translation models, the tokenizer
 (``<base>.tokenizer.model``, a sentencepiece model file, or ``<base>.tokenizer.json`` for
 the word/char vocabularies); ``<base>`` is the output path without its format's extension.
@@ -12,7 +14,12 @@ Example inputs for tracing come from the model itself: random token ids below th
 vocabulary size for an encoder-decoder (``src_vocab_size``/``tgt_vocab_size``), random
 features of the first ``nn.Linear``'s width otherwise.
 
-Never: load a checkpoint with ``weights_only=False``, or write over the checkpoint it reads.
+Every file is written into a hidden folder beside the target and moved into place at the
+end: an export that fails (an unwritable ``out``, a model that cannot be traced) leaves
+nothing behind.
+
+Never: load a checkpoint with ``weights_only=False``, build a ``_target_`` the user has not
+trusted, write where a stored config says, or write over the checkpoint it reads.
 """
 
 from __future__ import annotations
@@ -21,7 +28,12 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,36 +51,84 @@ EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "
 ONNX_HINT = 'pip install "trainkit[onnx]"'
 
 
-def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None) -> list[Path]:
-    """Export the model of ``ckpt`` as ``fmt``; returns the files written (the export first)."""
+def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,
+                      trust: Sequence[str] = ()) -> list[Path]:
+    """Export the model of ``ckpt`` as ``fmt``; returns the files written (the export first).
+    The checkpoint's stored config must be trusted under ``trust``; no data is read when the
+    checkpoint holds its runtime values. All files appear together or none do."""
     if fmt not in EXTENSIONS:
         raise ConfigError(f"export: format={fmt!r}; choose one of {', '.join(EXTENSIONS)}")
     if fmt == "onnx":
         require_onnx()
-    model, cfg, state = plain_model(ckpt)
     target = output_path(ckpt, fmt, out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "merged":
-        return [write_merged(model, cfg, state, ckpt, target)]
-    {"safetensors": write_safetensors, "torchscript": write_torchscript, "onnx": write_onnx}[fmt](model, target)
-    return [target, *write_sidecars(cfg, state, sidecar_base(target, fmt))]
+    model, cfg, state = plain_model(ckpt, trust)
+    with staged(target) as folder:
+        draft = folder / target.name
+        if fmt == "merged":
+            written = [write_merged(model, cfg, state, ckpt, draft)]
+        else:
+            {"safetensors": write_safetensors, "torchscript": write_torchscript, "onnx": write_onnx}[fmt](model, draft)
+            written = [draft, *write_sidecars(cfg, state, sidecar_base(draft, fmt))]
+    return [target.parent / path.name for path in written]
 
 
-def plain_model(ckpt: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A hidden folder beside ``target`` to write every output into; when the block ends
+    without error each file is moved into place, otherwise nothing is: the folder and any
+    parent folders made for it are removed. A place that cannot be written is a
+    ``ConfigError`` naming ``out``."""
+    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        remove_folders(made)
+        raise ConfigError(f"export: cannot write out={target}: {error.strerror or error}") from None
+    moved: list[Path] = []
+    done = False
+    try:
+        yield folder
+        for draft in sorted(folder.iterdir()):
+            os.replace(draft, target.parent / draft.name)
+            moved.append(target.parent / draft.name)
+        done = True
+    except OSError as error:
+        raise ConfigError(f"export: cannot write out={target}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not done:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            remove_folders(made)
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Remove folders an export made, deepest first (each must be empty)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def plain_model(ckpt: str | Path, trust: Sequence[str] = ()) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(the checkpoint's model in eval mode with any LoRA adapters merged, its config without
-    ``finetune``/``init_from``, the checkpoint dict)."""
-    from trainkit.build import build
-    from trainkit.inference import read_checkpoint
+    ``finetune``/``init_from``, the checkpoint dict). Sized by the checkpoint's stored runtime
+    values (or its tokenizer): data is read only for a checkpoint that holds neither."""
+    from trainkit.inference import read_checkpoint, rebuild_model
     from trainkit.lora import merge_lora
-    from trainkit.train import load_weights
 
-    state, cfg = read_checkpoint(ckpt)
+    state, cfg = read_checkpoint(ckpt, trust)
     lora = cfg.get("finetune") is not None
-    if not lora:
-        cfg.init_from = None  # the checkpoint holds every weight: its starting point is not needed
-    parts = build(cfg, cfg.get("seed", 0), data_state=state.get("data"))
-    model = parts.model
-    load_weights(model, state["model"], ckpt)
+    known = None
+    tokenizer = (state.get("data") or {}).get("tokenizer")
+    if tokenizer is not None:
+        from trainkit.data.tokenizers import tokenizer_from_state
+        from trainkit.data.translation import runtime_for
+
+        known = runtime_for(tokenizer_from_state(tokenizer))
+    model = rebuild_model(ckpt, state, cfg, "export", known)
     if lora:
         merge_lora(model)
     cfg.finetune, cfg.init_from = None, None
@@ -81,6 +141,9 @@ def output_path(ckpt: str | Path, fmt: str, out: str | Path | None) -> Path:
     target = Path(out) if out else source.with_name(source.stem + EXTENSIONS[fmt])
     if target.resolve() == source.resolve():
         raise ConfigError(f"export: out={target} is the checkpoint itself; choose another path")
+    if target.is_dir():
+        raise ConfigError(f"export: out={target} is a folder; give a file path such as "
+                          f"out={target / (source.stem + EXTENSIONS[fmt])}")
     return target
 
 

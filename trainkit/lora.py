@@ -13,8 +13,9 @@ or merged), plus a SHA-256 fingerprint of the frozen base that refuses adapters 
 file has changed since. :func:`merge_lora` folds the adapters into plain ``nn.Linear``
 weights (``trainkit export format=merged`` writes that as a plain checkpoint).
 
-Never: load a checkpoint other than through ``trainkit.checkpoint.load`` (weights only), or
-adapt a layer whose weight is tied to another (merging would change the embedding too).
+Never: read a checkpoint other than through ``trainkit.inference.read_checkpoint`` (weights
+only, its stored config checked against the user's trust list), or adapt a layer whose
+weight is tied to another (merging would change the embedding too).
 """
 
 from __future__ import annotations
@@ -205,23 +206,18 @@ def finetune_options(node: Any) -> dict[str, Any]:
     return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(targets)}
 
 
-def load_initial_weights(model: nn.Module, path: str, data: Any = None) -> None:
-    """Load the model weights of a trainkit checkpoint (``init_from``), weights only."""
-    from omegaconf import OmegaConf
-
-    from trainkit import checkpoint
+def load_initial_weights(model: nn.Module, path: str, data: Any = None, trust: Sequence[str] = ()) -> None:
+    """Load the model weights of a trainkit checkpoint (``init_from``), weights only; its
+    stored config must be trusted under ``trust`` (``trainkit.build.check_trusted``)."""
+    from trainkit.inference import read_checkpoint
     from trainkit.train import load_weights
 
     try:
-        state = checkpoint.load(path)
+        state, saved = read_checkpoint(path, trust)
     except ConfigError as error:
         raise ConfigError(f"init_from={path}: {error}") from None
     if not isinstance(state.get("model"), dict):
         raise ConfigError(f"init_from={path}: not a trainkit checkpoint (no 'model' weights)")
-    try:
-        saved = OmegaConf.create(state.get("config") or "{}")
-    except Exception:
-        saved = OmegaConf.create({})
     if saved.get("finetune") is not None:
         raise ConfigError(f"init_from={path}: holds LoRA adapters only; merge them into a plain checkpoint "
                           f"first (trainkit export ckpt={path} format=merged) and start from that")
@@ -234,14 +230,18 @@ def load_initial_weights(model: nn.Module, path: str, data: Any = None) -> None:
 
 
 def apply_finetune(cfg: Any, model: nn.Module, data: Any = None) -> nn.Module:
-    """``init_from`` weights, then ``finetune`` adapters; the model unchanged when neither is set."""
+    """``init_from`` weights, then ``finetune`` adapters; the model unchanged when neither is set.
+    The ``init_from`` checkpoint is checked against ``cfg.trust`` (the user's list: a run's own,
+    or the command line's for a config read from a checkpoint)."""
+    from trainkit.build import parse_trust
+
     init_from, finetune = cfg.get("init_from"), cfg.get("finetune")
     options = finetune_options(finetune) if finetune is not None else None
     if options is not None and not init_from:
         raise ConfigError("+finetune=lora needs init_from=PATH: the trainkit checkpoint whose weights "
                           "the adapters fine-tune (adapters on random weights learn little)")
     if init_from:
-        load_initial_weights(model, str(init_from), data)
+        load_initial_weights(model, str(init_from), data, parse_trust(cfg.get("trust")))
         log.info("init_from: weights of %s", init_from)
     if options is None:
         return model
