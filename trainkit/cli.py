@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = commands.get(argv[0])
     if command is None:
         fail(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (commands: {', '.join(commands)})")
+    if argv[0] == "train":
+        from trainkit import stop
+
+        stop.install()  # from now on SIGTERM/SIGUSR1 end the run at its next safe point with exit 75
     sys.exit(guarded(lambda: command(argv[1:])))
 
 
