@@ -309,6 +309,29 @@ def test_resume_auto_falls_back_to_best_when_last_is_corrupt_and_ends_bitwise_eq
                         load_weights(tmp_path / "runs/second/checkpoints/last.pt"))
 
 
+def test_resume_auto_from_a_top_k_file_when_last_and_best_are_corrupt(compose, tmp_path, caplog):
+    """The lineage's best.pt is corrupt too: the resume goes on from the good top-k file, warns
+    that best.pt is not used, and reaches the end."""
+    from trainkit.train import Preempted
+
+    # val/loss falls, so with mode=max the top 2 are steps 10 (best.pt, a hard link) and 20.
+    common = [*DIGITS, "trainer.save_top_k=2", "trainer.eval_every_n_steps=10", "trainer.monitor=val/loss",
+              "trainer.monitor_mode=max"]
+    first = tmp_path / "runs" / "first"
+    with pytest.raises(Preempted):
+        train_model(compose([*common, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 35}"]), run_dir=first)
+    folder = first / "checkpoints"
+    assert sorted(p.name for p in folder.glob("top-step*.pt")) == ["top-step00000010.pt", "top-step00000020.pt"]
+    for name in ("last.pt", "best.pt"):
+        raw = torch.load(folder / name, weights_only=True)
+        flip_tensor_byte(folder / name, next(iter(raw["model"].values())))
+    with caplog.at_level(logging.INFO, logger="trainkit"):
+        result = train_model(compose([*common, "resume=auto"]), run_dir=tmp_path / "runs" / "second")
+    assert f"resuming from {folder / 'top-step00000020.pt'} (step 20)" in caplog.text
+    assert "not used as this run's best checkpoint" in caplog.text
+    assert result.global_step == 40
+
+
 # A full disk ------------------------------------------------------------------------------------
 FILE_SIZE_LIMIT = textwrap.dedent("""
     import json, os, resource, signal, sys, torch

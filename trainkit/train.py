@@ -429,7 +429,7 @@ class Trainer:
         path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
         if path is None or not path.is_file():
             return None
-        return path if self.is_lineage_best(checkpoint.load(path).get("trainer_state", {})) else None
+        return path if self.is_lineage_best(saved_trainer_state(path)) else None
 
     def is_lineage_best(self, saved: dict[str, Any]) -> bool:
         """Whether a checkpoint's trainer_state is this lineage's best (or, without validation, latest)."""
@@ -548,8 +548,7 @@ class Trainer:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         candidates = [source_dir / "best.pt", source]
-        best = next((c for c in candidates if c.is_file() and self.is_lineage_best(
-            checkpoint.load(c).get("trainer_state", {}))), None)
+        best = next((c for c in candidates if self.is_lineage_best(saved_trainer_state(c))), None)
         if best is not None:
             checkpoint.link(best, self.checkpoint_dir / "best.pt")
         elif self.state.best_step is not None:
@@ -567,6 +566,17 @@ class Trainer:
             method = getattr(callback, hook, None)
             if method is not None:
                 method(self, *args)
+
+
+def saved_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state; ``{}`` when the file is missing or fails its checks (warned)."""
+    if not path.is_file():
+        return {}
+    try:
+        return checkpoint.load(path).get("trainer_state", {})
+    except ConfigError as error:
+        log.warning("%s; not used as this run's best checkpoint", error)
+        return {}
 
 
 def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Any, path: Any) -> None:
@@ -730,13 +740,13 @@ def current_run_dir(cfg: Any) -> Path:
 
 def find_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """(path, loaded state) of the checkpoint ``resume`` points at: None, ``auto`` (the
-    newest good last.pt of this experiment) or a path."""
+    newest good checkpoint of this experiment: last.pt, best.pt, top-step*.pt) or a path."""
     if resume is None:
         return None
     if resume == "auto":
         found = checkpoint.find_latest(run_dir.parent, exclude=run_dir)
         if found is None:
-            raise ConfigError(f"resume=auto: no earlier checkpoint of this experiment under {run_dir.parent}/*/checkpoints/last.pt")
+            raise ConfigError(f"resume=auto: no earlier checkpoint of this experiment under {run_dir.parent}/*/checkpoints/*.pt")
         return found
     state = checkpoint.load(resume)
     checkpoint.check_complete(state, resume)
