@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+
+import torch
 
 from trainkit.callbacks import Callback
 
@@ -39,3 +42,32 @@ class CountSteps(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["steps"]
+
+
+class RecordRngState(Callback):
+    """Write a hash of torch's CPU RNG state after optimizer step ``step`` to
+    ``folder/rank<r>`` (what that rank's next dropout masks are drawn from)."""
+
+    def __init__(self, step: int, folder: str):
+        self.step, self.folder = step, folder
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.state.global_step == self.step:
+            digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+            with open(os.path.join(self.folder, f"rank{trainer.dist.rank}"), "w") as file:
+                file.write(digest)
+
+
+class HangAtStep(Callback):
+    """Hang for good on one rank after one step (a job stuck inside its step, deaf to stop
+    requests), after writing ``stamp``."""
+
+    def __init__(self, rank: int, step: int, stamp: str):
+        self.rank, self.step, self.stamp = rank, step, stamp
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.dist.rank == self.rank and trainer.state.global_step == self.step:
+            with open(self.stamp, "w") as file:
+                file.write(repr(time.time()))
+            while True:
+                time.sleep(1)

@@ -6,14 +6,19 @@ and no new run directory may hold checkpoints or a result.json. A new, checkpoin
 directory left behind by a failed case is tolerated but reported as a warning
 ("left a run directory"). No traceback unless ``HYDRA_FULL_ERROR=1`` (its own test below).
 
-A disk-full error while saving is tested in-process: the previous last.pt must survive.
+A disk-full error while saving is tested in-process: the previous last.pt must survive. The
+dry forward that finds misfits at build time must leave every RNG and training flag as it found
+them (a run with it equals a run without it), and a warm-up longer than the run is shortened
+with a warning instead of refused.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -22,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +35,9 @@ GOOD_TSV = "one\teins\ntwo\tzwei\nthree\tdrei\nfour\tvier\n"
 # digits cases stop after two optimizer steps should a case wrongly get as far as training
 DIGITS = ["train", "+experiment=digits_mlp", "trainer.max_steps=2", "scheduler=none"]
 NMT_TSV = ["train", "+experiment=nmt_tiny", "data=tsv", "trainer.max_steps=2", "scheduler=none"]
+NMT_TINY = ["train", "+experiment=nmt_tiny", "trainer.max_steps=2"]
+DIABETES = ["train", "+experiment=diabetes_mlp", "trainer.max_steps=2"]
+VAE = ["train", "+experiment=digits_vae", "trainer.max_steps=2", "scheduler=none"]
 
 
 # shared earlier run ------------------------------------------------------------------------------
@@ -174,13 +183,37 @@ CASES = [
     case("negative-lr", [*DIGITS, "optimizer.lr=-1"], ["optimizer.lr", "-1"]),
     case("max-epochs-zero", [*DIGITS, "trainer.max_epochs=0"], ["trainer.max_epochs"]),
     case("grad-accum-zero", [*DIGITS, "trainer.grad_accum_steps=0"], ["trainer.grad_accum_steps"]),
-    case("warmup-longer-than-run", ["train", "+experiment=digits_mlp", "scheduler=cosine",
-                                    "scheduler.warmup_steps=100000"],
-         ["warmup_steps", "100000"]),
+    case("warmup-negative", ["train", "+experiment=digits_mlp", "trainer.max_steps=2", "scheduler.warmup_steps=-1"],
+         ["scheduler.warmup_steps=-1"]),
     case("monitor-mode-up", [*DIGITS, "trainer.monitor_mode=up"], ["trainer.monitor_mode", "up"]),
     case("negative-clip", [*DIGITS, "trainer.clip_grad_norm=-1"], ["trainer.clip_grad_norm"]),
     case("unknown-activation", [*DIGITS, "model.activation=swish"], ["activation", "swish"]),
     case("unknown-monitor-metric", [*DIGITS, "trainer.monitor=val/acc"], ["val/acc"]),
+    # values torch would take silently (or explain without the key)
+    case("plus-unknown-top-level-key", [*DIGITS, "+foo=bar"], ["'foo'", "top-level keys", "seed"]),
+    case("plus-misspelled-top-level-key", [*DIGITS, "+seeed=1"], ["'seeed'", "did you mean seed"]),
+    case("label-smoothing-above-one", [*DIGITS, "loss.label_smoothing=1.5"], ["loss.label_smoothing=1.5"]),
+    case("composite-term-label-smoothing", [*DIGITS, "loss=composite", "loss.terms.ce.loss.label_smoothing=2"],
+         ["loss.terms.ce.loss.label_smoothing=2"]),
+    case("hidden-size-zero", [*DIGITS, "model.hidden_sizes=[0]"], ["model.hidden_sizes=[0]"]),
+    case("dropout-above-one", [*DIGITS, "model.dropout=1.5"], ["model.dropout=1.5"]),
+    case("lora-dropout-one", [*DIGITS, "+finetune=lora", "finetune.dropout=1.0"], ["finetune.dropout=1.0"]),
+    case("vae-latent-zero", [*VAE, "model.latent_dim=0"], ["model.latent_dim=0"]),
+    case("transformer-heads-not-dividing", [*NMT_TINY, "model.num_heads=3"], ["model.d_model=32", "model.num_heads=3"]),
+    # components that do not fit each other: found by the dry forward at build time
+    case("mse-on-classification", [*DIGITS, "loss=mse"],
+         ["loss=mse does not fit task=classification", "[4, 10]", "[4]", "loss=cross_entropy"]),
+    case("out-features-not-the-classes", [*DIGITS, "+model.out_features=3"],
+         ["model=mlp does not fit data=digits", "[4, 3]", "10 classes", "model.out_features=3"]),
+    case("cross-entropy-on-regression", [*DIABETES, "loss=cross_entropy"],
+         ["loss=cross_entropy does not fit task=regression", "[4, 1]", "loss=mse"]),
+    case("regression-on-class-ids", [*DIGITS, "task=regression", "loss=mse"],
+         ["loss=mse does not fit task=regression", "task=classification"]),
+    case("vae-in-features-not-the-data", [*VAE, "+model.in_features=10"],
+         ["model=vae does not fit data=digits", "[4, 64]", "model.in_features=10"]),
+    case("mse-on-translation", [*NMT_TINY, "loss=mse", "~loss.label_smoothing"],
+         ["loss=mse does not fit task=seq2seq", "loss=cross_entropy"]),
+    case("model-loss-task-without-a-loss", [*DIGITS, "task=model_loss", "~loss"], ["task=model_loss", "reads the loss"]),
     # unknown group options: the message lists the valid ones
     case("unknown-optimizer", [*DIGITS, "optimizer=adamx"], ["adamx", "adam", "adamw", "sgd"]),
     case("unknown-experiment", ["train", "+experiment=nope"], ["nope", "digits_mlp", "nmt_tiny"]),
@@ -299,3 +332,91 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(compose, tmp_path, mon
     state = torch.load(last, weights_only=True)
     assert state["model"] and state["trainer_state"]["global_step"] > 0
     assert not [p.name for p in last.parent.iterdir() if p.name.endswith(".tmp")], "temporary file left"
+
+
+# the dry forward changes nothing -----------------------------------------------------------------
+class NoisyMLP(torch.nn.Module):
+    """A user's model whose forward draws from every RNG (as augmentations in a model might)."""
+
+    calls = 0
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(in_features, 16), torch.nn.Dropout(0.5),
+                                        torch.nn.Linear(16, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        NoisyMLP.calls += 1
+        shift = random.random() + float(np.random.rand()) + float(torch.rand(()))
+        return self.body(x + 0.0 * shift)
+
+
+def rng_states() -> list:
+    return [random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()]
+
+
+def test_dry_forward_leaves_rngs_and_training_flags_as_they_were(compose):
+    from trainkit.build import build
+    from trainkit.checks import check_fit
+
+    cfg = compose(["+experiment=digits_mlp", f"model._target_={__name__}.NoisyMLP", "~model.hidden_sizes",
+                   "~model.dropout", "~model.activation", "~model.gradient_checkpointing"])
+    parts = build(cfg, 0)
+    parts.model.train()
+    parts.model.body[1].eval()  # a submodule the user froze: it must stay in eval mode
+    flags = [m.training for m in parts.model.modules()]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before, calls = rng_states(), NoisyMLP.calls
+    check_fit(cfg, parts.data, parts.model, parts.task)
+    assert NoisyMLP.calls == calls + 1, "the dry forward did not run the model once"
+    assert rng_states() == before, "the dry forward moved an RNG"
+    assert [m.training for m in parts.model.modules()] == flags
+    assert not parts.model._forward_hooks and not parts.model._forward_pre_hooks
+
+
+def test_runs_with_and_without_the_dry_forward_are_identical(compose, tmp_path, monkeypatch):
+    """digits_contrastive draws its augmentations from torch's RNG inside the loss."""
+    from conftest import assert_same_weights, load_weights
+
+    import trainkit.checks
+    from trainkit import train_model
+
+    overrides = ["+experiment=digits_contrastive", "trainer.max_steps=3", "trainer.test_after_fit=false",
+                 "logging.tensorboard=false", "logging.progress_bar=false"]
+    calls = []
+    real = trainkit.checks.check_fit
+    monkeypatch.setattr(trainkit.checks, "check_fit", lambda *args: calls.append(real(*args)))
+    train_model(compose(overrides), run_dir=tmp_path / "checked")
+    monkeypatch.setattr(trainkit.checks, "check_fit", lambda *args: None)
+    train_model(compose(overrides), run_dir=tmp_path / "unchecked")
+    assert len(calls) == 1
+    assert_same_weights(load_weights(tmp_path / "checked/checkpoints/last.pt"),
+                        load_weights(tmp_path / "unchecked/checkpoints/last.pt"))
+
+
+# a warm-up longer than the run --------------------------------------------------------------------
+def test_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
+    from trainkit.schedulers import Noam, WarmupCosine
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    with caplog.at_level(logging.WARNING, logger="trainkit"):
+        cosine = WarmupCosine(optimizer(), total_steps=50, warmup_steps=400)
+        noam = Noam(optimizer(), d_model=64, warmup_steps=400, factor=2.0, total_steps=50)
+        kept = WarmupCosine(optimizer(), total_steps=50, warmup_steps=49)
+    assert cosine.warmup_steps == 5 and noam.warmup_steps == 5 and kept.warmup_steps == 49
+    warned = [r.getMessage() for r in caplog.records if "scheduler.warmup_steps=400" in r.getMessage()]
+    assert len(warned) == 2 and all("shortened to 5" in m for m in warned), caplog.text
+    peak = max(noam.lr_at(step) for step in range(50))
+    assert peak == pytest.approx(2.0 * (64 * 400) ** -0.5)  # the configured peak, reached at step 5
+    assert WarmupCosine(optimizer(), total_steps=50, warmup_steps=50).warmup_steps == 5  # as long: never decays
+
+
+def test_a_preset_runs_for_one_epoch_with_its_longer_warmup(run_cli, tmp_path):
+    """digits_contrastive has 5 optimizer steps an epoch and warms up over 20."""
+    out = run_cli("train", "+experiment=digits_contrastive", "trainer.max_epochs=1", "trainer.test_after_fit=false",
+                  "logging.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "scheduler.warmup_steps=20 is not shorter than the run (5 optimizer steps): shortened to 1" in log

@@ -294,9 +294,9 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
         callbacks = [instantiate(node, f"callbacks.{name}", {"name": name, "steps_per_epoch": steps_per_epoch,
                                                               "total_steps": total_steps})
                      for name, node in (cfg.get("callbacks") or {}).items()]
-    from trainkit.checks import check_fit  # one dry forward: a misfit is a ConfigError now, not at step 1
+    from trainkit.checks import check_fit
 
-    check_fit(cfg, data, model, task)
+    check_fit(cfg, data, model, task)  # one dry forward: a misfit is a ConfigError now, not at step 1
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
 
 

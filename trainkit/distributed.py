@@ -3,15 +3,27 @@
 One process gives ``Dist`` with world size 1, whose collectives return their input and
 whose ``no_sync`` does nothing, so the loop reads the same either way. Only the main rank
 writes files; ``teardown`` runs in a ``finally``.
+
+Every collective here must be called by every rank, the same number of times and in the
+same order, also by a rank that has no data for it (an empty list, a zero count): one rank
+that skips a collective leaves the others waiting forever.
+
+Self-launch (``launch``) is torchrun's elastic agent inside this process, with one change:
+SIGTERM/SIGUSR1 to this parent are passed on to the workers, which stop like torchrun
+workers do (finish the step, write last.pt, exit code 75), instead of the agent killing them.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import socket
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +31,12 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from trainkit import stop
+from trainkit.errors import EXIT_PREEMPTED
 from trainkit.precision import resolve_device
+
+STOP_SIGNAL_ENV = "TRAINKIT_STOP_SIGNAL"  # a stop request the parent received before a worker could be told
+AGENT_SIGNALS = ("SIGINT", "SIGHUP", "SIGQUIT")  # torch elastic's agent still handles these itself
 
 
 @dataclass
@@ -144,7 +161,17 @@ def free_port() -> int:
 def launch(config_yaml: str, run_dir: str, nproc_per_node: int) -> dict[str, Any]:
     """Self-launch: ``nproc_per_node`` workers on this machine with torch's elastic launcher
     (torchrun semantics), each on its share of the cores, on a free port of its own (so
-    every job of a sweep is its own process group). Returns rank 0's result."""
+    every job of a sweep is its own process group). Returns rank 0's result.
+
+    A stop request (SIGTERM/SIGUSR1 to this process, or one received before the launch) goes
+    on to the workers; they stop after their step with a resumable last.pt and rank 0's
+    result says ``Preempted`` (exit code 75). Workers that the request reached while still
+    starting (before they could handle it) die of it: that too is reported as ``Preempted``,
+    with nothing new saved. A second request while the workers still run (a job stuck
+    inside its step) stops them as torchrun's agent does: SIGTERM, then SIGKILL after
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (30), and this raises.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     threads = max(1, (os.cpu_count() or 1) // nproc_per_node)
@@ -152,10 +179,59 @@ def launch(config_yaml: str, run_dir: str, nproc_per_node: int) -> dict[str, Any
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=f"trainkit-{os.getpid()}-{time.time_ns()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        monitor_interval=0.5, start_method="spawn",
+        monitor_interval=0.5, start_method="spawn", signals_to_handle=",".join(AGENT_SIGNALS),
     )
-    results = elastic_launch(config, worker)(config_yaml, run_dir)
+    with forward_stop_signals() as received:
+        try:
+            results = elastic_launch(config, worker)(config_yaml, run_dir)
+        except ChildFailedError as error:
+            stop_codes = {-getattr(signal, name) for name in stop.SIGNALS}
+            if received and all(failure.exitcode in stop_codes for failure in error.failures.values()):
+                return {"error": "Preempted", "exit_code": EXIT_PREEMPTED,
+                        "message": f"stopped on request ({received[0]}) while the workers were starting; nothing new was saved"}
+            raise
     return results[0]
+
+
+@contextmanager
+def forward_stop_signals() -> Iterator[list[str]]:
+    """While the workers run, SIGTERM/SIGUSR1 to this process are sent on to every worker
+    process (multiprocessing children of this one) and, for workers not started yet, put in
+    ``TRAINKIT_STOP_SIGNAL``. Yields the names of the requests received (one taken over from
+    ``stop.STOP`` if it was set before). A second signal raises torch elastic's
+    ``SignalException``, on which its agent stops the workers itself. Afterwards this
+    process's handlers are the previous ones again, also for the signals torch elastic's
+    agent takes over (``AGENT_SIGNALS``)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    received: list[str] = [stop.STOP.signal_name or "SIGTERM"] if stop.STOP.requested else []
+    stop.STOP.clear()  # handed on to the workers
+    if received:
+        os.environ[STOP_SIGNAL_ENV] = received[0]
+    forwarded = []
+
+    def forward(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if forwarded:
+            raise SignalException(f"{name} again after {forwarded[0]}: stopping the workers now", signal.Signals(signum))
+        forwarded.append(name)
+        received.append(name)
+        os.environ[STOP_SIGNAL_ENV] = name
+        for child in multiprocessing.active_children():
+            with suppress(ProcessLookupError):  # exited since
+                os.kill(child.pid, signum)
+
+    names = [name for name in (*stop.SIGNALS, *AGENT_SIGNALS) if hasattr(signal, name)]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names} if main_thread else {}
+    for name in stop.SIGNALS if main_thread else ():
+        signal.signal(getattr(signal, name), forward)
+    try:
+        yield received
+    finally:
+        os.environ.pop(STOP_SIGNAL_ENV, None)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def worker(config_yaml: str, run_dir: str) -> dict[str, Any]:
@@ -166,6 +242,9 @@ def worker(config_yaml: str, run_dir: str) -> dict[str, Any]:
     from trainkit.errors import TrainkitError
     from trainkit.train import train_model
 
+    stop.install()  # from the first moment: a request the parent passes on must not kill this worker
+    if os.environ.get(STOP_SIGNAL_ENV):
+        stop.STOP(getattr(signal, os.environ[STOP_SIGNAL_ENV]))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if os.environ.get("RANK") == "0":
         fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

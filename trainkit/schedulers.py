@@ -3,21 +3,39 @@
 Each ``get_lr`` is a pure function of the step count, so a resumed run (which restores
 ``last_epoch``) sees exactly the same values as one that never stopped.
 ``last_epoch`` counts optimizer steps already taken: 0 during the first step.
+
+A warm-up as long as the run or longer (``trainer.max_epochs=1`` on a preset tuned for more)
+would end the run before the peak. It is shortened to a tenth of the run (at least one step)
+with one warning naming ``scheduler.warmup_steps``, so a quick trial of any preset runs. The
+shortened value depends only on the run's length, so a resumed run computes the same one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from trainkit.errors import ConfigError
 
-def check_warmup(warmup_steps: int, total_steps: int | None, minimum: int) -> None:
-    """A warm-up longer than the run never reaches its peak: a config mistake."""
-    if warmup_steps < minimum or (total_steps is not None and warmup_steps > total_steps):
-        raise ValueError(f"warmup_steps={warmup_steps} must be between {minimum} and the run's "
-                         f"{total_steps} optimizer steps")
+log = logging.getLogger("trainkit")
+
+
+def fit_warmup(warmup_steps: int, total_steps: int | None, minimum: int, note: str = "") -> int:
+    """The warm-up to use: ``warmup_steps``, or a tenth of the run (at least 1) when it is not
+    shorter than ``total_steps`` optimizer steps (``note`` ends the warning). Below ``minimum``
+    is a config mistake."""
+    if warmup_steps < minimum:
+        raise ConfigError(f"scheduler.warmup_steps={warmup_steps}: must be at least {minimum}")
+    if total_steps is None or warmup_steps < total_steps:
+        return warmup_steps
+    shortened = max(1, total_steps // 10)
+    log.warning("scheduler.warmup_steps=%d is not shorter than the run (%d optimizer steps): shortened to %d, "
+                "a tenth of the run%s; set scheduler.warmup_steps below %d to choose", warmup_steps, total_steps,
+                shortened, note, total_steps)
+    return shortened
 
 
 class Constant(LRScheduler):
@@ -35,14 +53,14 @@ class WarmupCosine(LRScheduler):
 
     At step s (0-based): ``base * (s + 1) / warmup_steps`` while s < warmup_steps, then
     ``min_lr + (base - min_lr) * (1 + cos(pi * p)) / 2`` with
-    ``p = (s - warmup_steps) / max(1, total_steps - warmup_steps)``.
+    ``p = (s - warmup_steps) / max(1, total_steps - warmup_steps)``. A warm-up not shorter
+    than the run is shortened to a tenth of it (see the module docstring).
     """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
                  min_lr: float = 0.0, last_epoch: int = -1):
-        check_warmup(warmup_steps, total_steps, minimum=0)
         self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = fit_warmup(warmup_steps, total_steps, minimum=0)
         self.min_lr = min_lr
         super().__init__(optimizer, last_epoch)
 
@@ -59,15 +77,18 @@ class WarmupCosine(LRScheduler):
 class Noam(LRScheduler):
     """Vaswani et al. (2017): ``factor * d_model**-0.5 * min(n**-0.5, n * warmup_steps**-1.5)``.
 
-    n = step + 1 counts optimizer steps from 1; the optimizer's base lr is ignored.
+    n = step + 1 counts optimizer steps from 1; the optimizer's base lr is ignored. The peak,
+    ``factor * (d_model * warmup_steps)**-0.5`` at n = warmup_steps, depends on the warm-up: when
+    a warm-up not shorter than the run (``total_steps``) is shortened, ``factor`` is scaled by
+    ``sqrt(shortened / warmup_steps)`` so the peak stays the configured one.
     """
 
     def __init__(self, optimizer: Optimizer, d_model: int, warmup_steps: int = 4000,
                  factor: float = 1.0, total_steps: int | None = None, last_epoch: int = -1):
-        check_warmup(warmup_steps, total_steps, minimum=1)
         self.d_model = d_model
-        self.warmup_steps = warmup_steps
-        self.factor = factor
+        self.warmup_steps = fit_warmup(warmup_steps, total_steps, minimum=1,
+                                       note=" (factor scaled to keep the peak learning rate)")
+        self.factor = factor * math.sqrt(self.warmup_steps / warmup_steps)
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, step: int) -> float:

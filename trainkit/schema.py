@@ -60,6 +60,7 @@ class PrecisionConfig:
     name: str = "fp32"
     autocast_dtype: str | None = None  # bfloat16 | float16 | null (no autocast)
     grad_scaling: bool = False  # loss scaling against fp16 gradient underflow
+    param_dtype: str | None = None  # float64 for numerical checks; null: the model's own dtype
 
 
 @dataclass
@@ -131,8 +132,15 @@ def schema_keys(path: str) -> list[str] | None:
 
 def check_values(cfg: Any) -> list[ConfigError]:
     """Range and choice checks the types alone cannot express; every problem, not the first."""
+    from omegaconf import OmegaConf
+
     t = cfg.trainer
     problems = []
+    root = [*(schema_keys("") or []), "hydra"]  # hydra: Hydra's own node, when a config keeps it
+    for key in cfg:  # `+foo=...` gets past struct mode
+        if key not in root:
+            hint = did_you_mean(str(key), root) or f" (top-level keys: {', '.join(root)})"
+            problems.append(ConfigError(f"unknown top-level key '{key}'{hint}"))
     for section in ("trainer", "distributed", "precision", "device", "logging"):
         valid = schema_keys(section) or []
         for key in cfg.get(section) or {}:  # `+trainer.x=...` gets past struct mode
@@ -166,4 +174,22 @@ def check_values(cfg: Any) -> list[ConfigError]:
         value = data.get(key) if data is not None else None
         need(value is None or (isinstance(value, int) and value >= 1), f"data.{key}={value}: must be a positive integer")
     need(data is None or data.get("num_workers", 0) >= 0, f"data.num_workers={data.get('num_workers')}: must be >= 0")
+
+    def probabilities(node: Any, path: str) -> None:
+        """Dropout rates (``dropout``, ``*_dropout``) in [0, 1) and ``label_smoothing`` in
+        [0, 1], at any depth of a group (a composite loss's terms too)."""
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            name = f"{path}.{key}" if isinstance(node, dict) else f"{path}[{key}]"
+            if isinstance(value, (dict, list)):
+                probabilities(value, name)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                if str(key) == "dropout" or str(key).endswith("_dropout"):
+                    need(0 <= value < 1, f"{name}={value}: a dropout rate must be in [0, 1) (1 drops everything)")
+                elif key == "label_smoothing":
+                    need(0 <= value <= 1, f"{name}={value}: must be in [0, 1] (0: none, 1: uniform targets)")
+
+    for group in ("model", "loss", "finetune"):
+        if OmegaConf.is_config(cfg.get(group)):
+            probabilities(OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=False), group)
     return problems

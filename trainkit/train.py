@@ -641,8 +641,10 @@ def train_in(cfg: Any, dist: Dist, run_dir: Path, started: float) -> TrainResult
 
     if dist.is_main:
         check_writable(run_dir)
-    seed_everything(rank_seed(cfg.seed, dist.rank))  # dropout and augmentation differ by rank
+    seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
     parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
+    if dist.rank:
+        seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
     resume = find_resume(cfg.resume, run_dir)
     precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
                           cfg.precision.get("param_dtype"))

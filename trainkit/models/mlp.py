@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainkit.errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def check_sizes(**sizes: Any) -> None:
+    """Refuse, naming ``model.<key>``, a size that is not an integer >= 1 (for a list: any
+    entry). torch builds a zero-width layer without complaint; its output is a constant."""
+    for key, value in sizes.items():
+        values = list(value) if isinstance(value, Sequence) else [value]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"model.{key}={value}: sizes must be integers >= 1 (got {bad[0]!r})")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation={activation!r}: choose one of {sorted(ACTIVATIONS)}")
 
 
 class MLP(nn.Module):
@@ -29,8 +47,8 @@ class MLP(nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r}: choose one of {sorted(ACTIVATIONS)}")
+        check_activation(activation)
+        check_sizes(in_features=in_features, out_features=out_features, hidden_sizes=hidden_sizes)
         sizes = [in_features, *hidden_sizes]
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Linear(a, b), ACTIVATIONS[activation](), nn.Dropout(dropout))

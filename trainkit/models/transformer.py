@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from trainkit.errors import ConfigError
+from trainkit.models.mlp import check_sizes
+
 __all__ = ["DecoderCache", "LayerCache", "Transformer"]
 
 
@@ -270,6 +273,15 @@ class Transformer(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        check_sizes(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=d_model,
+                    num_heads=num_heads, num_encoder_layers=num_encoder_layers,
+                    num_decoder_layers=num_decoder_layers, ffn_dim=ffn_dim, max_len=max_len)
+        if d_model % num_heads or d_model % 2:
+            fitting = 2 * num_heads * math.ceil(d_model / (2 * num_heads))
+            raise ConfigError(f"model.d_model={d_model}, model.num_heads={num_heads}: d_model must be even (sinusoidal "
+                              f"positions) and divisible by num_heads, e.g. model.d_model={fitting}")
+        if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
+            raise ConfigError(f"model.pad_id={pad_id}: not a token id of the vocabularies ({src_vocab_size}, {tgt_vocab_size})")
         self.src_vocab_size = src_vocab_size
         self.tgt_vocab_size = tgt_vocab_size
         self.pad_id = pad_id

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from trainkit.models.mlp import ACTIVATIONS
+from trainkit.models.mlp import ACTIVATIONS, check_activation, check_sizes
 
 
 class VAEOutput(NamedTuple):
@@ -44,10 +44,8 @@ class VAE(nn.Module):
     def __init__(self, in_features: int, latent_dim: int = 16, hidden_sizes: Sequence[int] = (256, 128),
                  activation: str = "relu"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r}: choose one of {sorted(ACTIVATIONS)}")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim={latent_dim}: must be at least 1")
+        check_activation(activation)
+        check_sizes(in_features=in_features, latent_dim=latent_dim, hidden_sizes=hidden_sizes)
         self.in_features, self.latent_dim = in_features, latent_dim
         self.encoder = mlp([in_features, *hidden_sizes, 2 * latent_dim], activation)
         self.decoder = mlp([latent_dim, *reversed(list(hidden_sizes)), in_features], activation)

@@ -16,10 +16,14 @@ and back-propagates its slice of that gradient. Peak memory is that of one chunk
 rounding) at the cost of a second encoder forward. Each chunk's re-run replays the RNG state
 of its first pass, so dropout draws the same masks.
 
-Validation embeds two views of every image (from a private generator seeded by ``eval_seed``,
-so every evaluation sees the same views and the training RNG is untouched) and reports
-``recall_at_1``: the share of images whose view-A embedding has its own view B as nearest
-neighbour (cosine) among the view-B embeddings of the whole validation set.
+Validation embeds two views of every image (from a private generator seeded by ``eval_seed``
+and the batch's pixels, so every evaluation sees the same views, a batch gets the same views on
+whichever rank evaluates it, and the training RNG is untouched) and reports ``recall_at_1``: the
+share of images whose view-A embedding has its own view B as nearest neighbour (cosine) among
+the view-B embeddings of the whole validation set, gathered from every rank. Under DDP the
+metric therefore equals one process evaluating the same batches.
+
+Losses and similarities are computed in float32, or in float64 under ``precision=fp64``.
 
 Never: draw augmentation randomness from anything but torch's global RNG (training) or a
 seeded private generator (validation); let the re-run of a chunk draw different randomness
@@ -28,6 +32,7 @@ than its first pass.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -42,11 +47,16 @@ from trainkit.errors import ConfigError
 from trainkit.tasks.base import Task
 
 
+def widened(values: Tensor) -> Tensor:
+    """``values`` in float32, or as they are when already float64 (``precision=fp64``)."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
 def info_nce_sum(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:
     """Symmetric InfoNCE summed over the batch: row i of each view is the positive of row i
-    of the other, every other row a negative. Computed in fp32 (outside autocast)."""
+    of the other, every other row a negative. Computed in fp32 or fp64 (outside autocast)."""
     with torch.autocast(view_a.device.type, enabled=False):
-        a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
+        a, b = F.normalize(widened(view_a), dim=-1), F.normalize(widened(view_b), dim=-1)
         logits = a @ b.T / temperature  # [batch, batch] cosine similarities / T
         labels = torch.arange(len(a), device=a.device)
         return (F.cross_entropy(logits, labels, reduction="sum")
@@ -55,7 +65,7 @@ def info_nce_sum(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:
 
 def recall_at_1(view_a: Tensor, view_b: Tensor) -> float:
     """Share of rows whose nearest view-B embedding (cosine) is their own."""
-    a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
+    a, b = F.normalize(widened(view_a), dim=-1), F.normalize(widened(view_b), dim=-1)
     nearest = (a @ b.T).argmax(dim=1)
     return float((nearest == torch.arange(len(a), device=a.device)).float().mean())
 
@@ -142,7 +152,7 @@ class ContrastiveTask(Task):
             for chunk in chunks:
                 replays.append(rng_snapshot(device))
                 with precision.autocast():
-                    cached.append(self.encode(model, chunk).float())
+                    cached.append(widened(self.encode(model, chunk)))
         after_first_pass = rng_snapshot(device)
         # 2. Loss and its gradient w.r.t. the embeddings, on the whole batch (scaled as the loop's loss).
         embeddings = torch.cat(cached).requires_grad_()
@@ -155,24 +165,35 @@ class ContrastiveTask(Task):
             replay()  # the same dropout masks as the first pass
             with no_sync() if index < len(chunks) - 1 else nullcontext():
                 with precision.autocast():
-                    embedded = self.encode(model, chunk).float()
+                    embedded = widened(self.encode(model, chunk))
                 embedded.backward(grad)
         after_first_pass()  # the RNG continues as after one pass, as in the plain computation
         return loss_sum.detach(), {}
 
     # Evaluation ---------------------------------------------------------------------------------
     def eval_start(self, device: torch.device) -> None:
-        self.generator = torch.Generator().manual_seed(self.eval_seed)
         self.embedded: list[Tensor] = []
 
+    def eval_generator(self, images: Tensor) -> torch.Generator:
+        """The private generator of one validation batch's views: seeded by ``eval_seed`` and
+        the batch's pixels (as float32, the same under every precision), not by the batch's
+        position, so the views do not depend on how batches are spread over ranks."""
+        pixels = images.detach().float().cpu().contiguous().numpy().tobytes()
+        digest = hashlib.blake2b(pixels, digest_size=8, key=str(self.eval_seed).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
     def eval_step(self, model: nn.Module, batch: Any) -> Tensor:
-        embeddings = self.encode(model, self.views(batch[0], self.generator)).float()
+        images = batch[0]
+        embeddings = widened(self.encode(model, self.views(images, self.eval_generator(images))))
         self.embedded.append(embeddings.cpu())
         return self.loss_of(embeddings)
 
     def eval_metrics(self, loss: float) -> dict[str, float]:
-        embeddings = torch.cat(gather_lists(self.embedded)) if self.embedded else torch.zeros(0, 2, 1)
-        if not len(embeddings):
+        # Every rank joins the gather, also one that had no validation batch: a collective
+        # that only some ranks call never returns.
+        embedded = gather_lists(self.embedded)
+        if not embedded:
             return {}
+        embeddings = torch.cat(embedded)
         return {"recall_at_1": recall_at_1(embeddings[:, 0], embeddings[:, 1])}
 
