@@ -167,6 +167,6 @@ def test_vae_with_controller_resumes_exactly(compose, tmp_path):
     run(compose, tmp_path, "second", *common, "resume=auto")
     whole = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)
     second = torch.load(tmp_path / "second/checkpoints/last.pt", weights_only=True)
-    assert whole["callbacks"]["VAETask"] == second["callbacks"]["VAETask"] != {"beta_scale": 1.0}
+    assert whole["callbacks"]["task"] == second["callbacks"]["task"] != {"beta_scale": 1.0}
     assert_same_weights(load_weights(tmp_path / "whole/checkpoints/last.pt"),
                         load_weights(tmp_path / "second/checkpoints/last.pt"))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainkit.errors import ConfigError, did_you_mean
+from trainkit.precision import widened
 
 TERM_KEYS = ("loss", "weight", "output_key", "target_key")
 
@@ -137,7 +138,7 @@ class L2Penalty:
         self.reduction = reduction
 
     def __call__(self, output: Tensor, target: Any = None) -> Tensor:
-        per_sample = 0.5 * output.float().pow(2).flatten(1).sum(1)
+        per_sample = 0.5 * widened(output).pow(2).flatten(1).sum(1)
         return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
@@ -152,13 +153,13 @@ class VAEParts(NamedTuple):
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample, in closed form, summed over latent dims:
     ``0.5 * sum(mu^2 + exp(logvar) - logvar - 1)``."""
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = widened(mu), widened(logvar)
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).flatten(1).sum(1)
 
 
 def reconstruction_nll(logits: Tensor, target: Tensor, kind: str) -> Tensor:
     """Negative log-likelihood of ``target`` per sample, summed over features."""
-    logits, target = logits.float().flatten(1), target.float().flatten(1)
+    logits, target = widened(logits).flatten(1), widened(target).flatten(1)
     if kind == "bernoulli":  # inputs in [0, 1]: binary cross-entropy on the decoder's logits
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
     return 0.5 * (logits - target).pow(2).sum(1)  # gaussian with unit variance, constant dropped
@@ -202,7 +203,7 @@ class VAELoss:
 
     def mean(self, logits: Tensor) -> Tensor:
         """The expected reconstruction in input units (pixel intensities in [0, 1])."""
-        return torch.sigmoid(logits.float()) if self.reconstruction == "bernoulli" else logits.float()
+        return torch.sigmoid(widened(logits)) if self.reconstruction == "bernoulli" else widened(logits)
 
     def __call__(self, output: Any, target: Tensor) -> Tensor:
         parts = self.parts(output, target)

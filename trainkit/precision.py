@@ -37,6 +37,12 @@ def resolve_device(kind: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
+def widened(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float32 for a loss or metric computed outside reduced precision, or as they
+    are when already float64 (``precision=fp64``: widening must never narrow)."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
 class Precision:
     """An autocast context for forward passes, a gradient scaler (disabled unless fp16), and
     the parameter dtype models and batches are cast to (``None``: left as they are)."""

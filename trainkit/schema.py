@@ -167,6 +167,11 @@ def check_values(cfg: Any) -> list[ConfigError]:
     need(cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps")
     dtype = cfg.precision.autocast_dtype
     need(dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null")
+    param_dtype = cfg.precision.get("param_dtype")
+    need(param_dtype in (None, "float32", "float64"),
+         f"precision.param_dtype={param_dtype!r}: must be float64, float32 or null")
+    need(not (param_dtype and dtype), f"precision.param_dtype={param_dtype} with precision.autocast_dtype={dtype}: "
+         "autocast would compute in the lower precision; use precision=fp64 alone")
     lr = cfg.optimizer.get("lr") if cfg.optimizer is not None else None
     need(lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.lr={lr}: must be a non-negative number")
     data = cfg.data

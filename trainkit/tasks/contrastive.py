@@ -44,12 +44,8 @@ from torch import Tensor, nn
 
 from trainkit.distributed import gather_lists
 from trainkit.errors import ConfigError
+from trainkit.precision import widened
 from trainkit.tasks.base import Task
-
-
-def widened(values: Tensor) -> Tensor:
-    """``values`` in float32, or as they are when already float64 (``precision=fp64``)."""
-    return values if values.dtype == torch.float64 else values.float()
 
 
 def info_nce_sum(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:

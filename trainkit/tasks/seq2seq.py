@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from trainkit.data.tokenizers import Tokenizer
 from trainkit.distributed import gather_lists
 from trainkit.errors import ConfigError
+from trainkit.precision import widened
 from trainkit.tasks.base import Task
 from trainkit.tasks.supervised import use_sum_reduction
 
@@ -48,7 +49,7 @@ class Seq2SeqTask(Task):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         logits = model(batch["src"], batch["tgt_in"])
-        return self.loss_fn(logits.flatten(0, 1).float(), batch["tgt_out"].flatten()), {}
+        return self.loss_fn(widened(logits.flatten(0, 1)), batch["tgt_out"].flatten()), {}
 
     def eval_start(self, device: torch.device) -> None:
         self.hypotheses: list[str] = []

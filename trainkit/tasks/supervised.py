@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from trainkit.errors import ConfigError
 from trainkit.losses import loss_and_terms
+from trainkit.precision import widened
 from trainkit.tasks.base import MetricsMixin, Task
 
 
@@ -87,7 +88,7 @@ class ClassificationTask(_NamedMetricsTask):
         super().__init__(loss_fn, metrics, num_classes)
 
     def update_metrics(self, output: Tensor, targets: Tensor) -> None:
-        super().update_metrics(output.float(), targets)
+        super().update_metrics(widened(output), targets)
 
 
 class RegressionTask(_NamedMetricsTask):
@@ -102,4 +103,4 @@ class RegressionTask(_NamedMetricsTask):
         return batch[1].numel()  # MSE sums over every target element
 
     def update_metrics(self, output: Tensor, targets: Tensor) -> None:
-        super().update_metrics(output.float().squeeze(-1), targets.squeeze(-1))
+        super().update_metrics(widened(output).squeeze(-1), targets.squeeze(-1))
