@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -70,14 +70,15 @@ def is_path_key(name: str) -> bool:
     return name == "path" or name.endswith(("_path", "_file"))
 
 
-def data_path_keys(node: Any, key: str) -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, parent node, name) of every path-valued key in a data config, any depth."""
+def keys_where(node: Any, key: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, parent node, name) of every leaf key of a config, at any depth, whose name
+    is ``wanted``."""
     if isinstance(node, DictConfig):
         for name in list(node.keys()):
             child, dotted = node.get(name), f"{key}.{name}"
             if isinstance(child, DictConfig):
-                yield from data_path_keys(child, dotted)
-            elif is_path_key(str(name)) or name == "cache_dir":
+                yield from keys_where(child, dotted, wanted)
+            elif wanted(str(name)):
                 yield dotted, node, str(name)
 
 
@@ -86,21 +87,11 @@ def stored_files(cfg: DictConfig, sections: Iterable[str]) -> Iterator[tuple[str
     distillation teacher (``loss``), and the base of a LoRA checkpoint (always)."""
     sections = set(sections)
     if "data" in sections and isinstance(cfg.get("data"), DictConfig):
-        yield from data_path_keys(cfg.data, "data")
+        yield from keys_where(cfg.data, "data", lambda name: is_path_key(name) or name == "cache_dir")
     if "loss" in sections and isinstance(cfg.get("loss"), DictConfig):
-        yield from teacher_keys(cfg.loss, "loss")
+        yield from keys_where(cfg.loss, "loss", lambda name: name == "teacher_ckpt")
     if cfg.get("finetune") is not None and cfg.get("init_from"):
         yield "init_from", cfg, "init_from"
-
-
-def teacher_keys(node: Any, key: str) -> Iterator[tuple[str, Any, str]]:
-    if isinstance(node, DictConfig):
-        for name in list(node.keys()):
-            child, dotted = node.get(name), f"{key}.{name}"
-            if isinstance(child, DictConfig):
-                yield from teacher_keys(child, dotted)
-            elif name == "teacher_ckpt":
-                yield dotted, node, str(name)
 
 
 def localize(cfg: DictConfig, state: dict[str, Any], path: str | Path, command: str,
