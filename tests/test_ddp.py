@@ -39,7 +39,10 @@ def run_dirs(tmp_path, name):
 
 @pytest.mark.parametrize("experiment", ["digits_mlp", "nmt_tiny"])
 def test_torchrun_one_run_dir_and_exact_metrics(tmp_path, experiment):
-    out = torchrun(tmp_path, f"+experiment={experiment}", "trainer.max_epochs=2")
+    # digits: val/loss falls, so with mode=max best.pt (epoch 1) is not last.pt: every rank must
+    # test best.pt's weights.
+    best_first = ["trainer.monitor=val/loss", "trainer.monitor_mode=max"] if experiment == "digits_mlp" else []
+    out = torchrun(tmp_path, f"+experiment={experiment}", "trainer.max_epochs=2", *best_first)
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = run_dirs(tmp_path, experiment)
     for name in (".hydra", "train.log", "metrics.jsonl", "tb", "result.json", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -51,6 +54,14 @@ def test_torchrun_one_run_dir_and_exact_metrics(tmp_path, experiment):
     assert single.returncode == 0, single.stderr
     for key, value in json.loads(single.stdout).items():
         assert summary["final"][key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+    if best_first:
+        steps = [torch.load(run / f"checkpoints/{name}.pt", weights_only=True)["trainer_state"]["global_step"]
+                 for name in ("best", "last")]
+        assert steps == [summary["global_step"] // 2, summary["global_step"]]  # best after epoch 1 of 2
+    tested = trainkit(tmp_path, "eval", f"ckpt={run / 'checkpoints/best.pt'}", "split=test")
+    assert tested.returncode == 0, tested.stderr
+    for key, value in json.loads(tested.stdout).items():
+        assert summary["test"][key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
 
 
 @pytest.mark.parametrize("batch, accum", [(32, 1), (8, 2)])

@@ -1,8 +1,8 @@
 """The review's bugs in the loop (issue 13, section 3): each test fails on the code before its fix.
 
 best.pt after a resume, NaN in the logged loss under nan_policy=skip, callback state keyed by
-class, top-k kept only on improvement, SIGTERM outside fit, an empty batch plan, a user's
-DistributedSampler never reshuffled, ranks sharing one seed, a resume with another optimizer.
+class, top-k kept only on improvement, SIGTERM outside fit, an empty batch plan, rank seeds, a
+resume with another optimizer. (The DDP ones, 3.5-3.7 and 3.9, are in test_ddp_exact.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import assert_same_weights, load_weights
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import Trainer, train_model
 from trainkit.errors import ConfigError
@@ -154,24 +154,6 @@ def test_top_k_keeps_the_true_k_best_of_a_metric_that_goes_up_and_down(tmp_path)
         assert trainer_state(tmp_path / "checkpoints" / name)["global_step"] == int(name[8:16])
     assert trainer_state(tmp_path / "checkpoints" / "last.pt")["top_k"] == [
         [0.2, "top-step00000010.pt"], [0.3, "top-step00000004.pt"], [0.35, "top-step00000008.pt"]]
-
-
-# 3.6 a user's DataLoader with a DistributedSampler -----------------------------------------------
-def test_a_users_distributed_sampler_is_reshuffled_every_epoch(tmp_path):
-    data = TensorDataset(torch.arange(32, dtype=torch.float32).unsqueeze(1), torch.zeros(32, dtype=torch.long))
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
-    loader = DataLoader(data, batch_size=32, sampler=sampler)
-    model = nn.Linear(1, 2)
-    seen: list[list[int]] = []
-    model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][:, 0].long().tolist()))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), nn.CrossEntropyLoss(reduction="sum"),
-                      max_epochs=3)
-    trainer.fit(loader)
-    expected = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        expected.append(list(sampler))
-    assert seen == expected and seen[0] != seen[1]
 
 
 # 3.7 rank seeds ----------------------------------------------------------------------------------

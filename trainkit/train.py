@@ -158,7 +158,8 @@ class Trainer:
         self.callbacks = list(self.named_callbacks.values())
         self.logger = logger or RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.config_yaml, self.extra_state = config_yaml, extra_state or {}
-        self.state = TrainerState(world_size=self.dist.world_size, lineage=uuid.uuid4().hex)
+        # One lineage id for all ranks (rank 0's): best.pt is recognised by it on every rank.
+        self.state = TrainerState(world_size=self.dist.world_size, lineage=gather_lists([uuid.uuid4().hex])[0])
         self.history: list[dict[str, float]] = []
         self.meter = LossMeter(self.device)
         self.grad_norm = torch.zeros(())
