@@ -46,3 +46,13 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             assert torch.equal(a[key], b[key]), f"{key} differs (max {float((a[key] - b[key]).abs().max()):.3g})"
         else:
             torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def train_runs(root: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
+    """Train each named list of overrides in-process into ``root/<name>``; name -> its last.pt."""
+    from trainkit import train_model
+    from trainkit.cli import compose
+
+    for name, overrides in runs.items():
+        train_model(compose(overrides), run_dir=root / name)
+    return {name: root / name / "checkpoints" / "last.pt" for name in runs}

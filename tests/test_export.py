@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import train_runs
 
-from trainkit import train_model
 from trainkit.build import build
 from trainkit.errors import ConfigError
 from trainkit.export import export_checkpoint
@@ -25,14 +25,7 @@ NMT = ["+experiment=nmt_tiny", "trainer.max_steps=5", "scheduler.warmup_steps=2"
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One quick digits_mlp and one nmt_tiny checkpoint, trained in-process."""
-    from trainkit.cli import compose
-
-    root = tmp_path_factory.mktemp("export")
-    made = {}
-    for name, overrides in (("digits", DIGITS), ("nmt", NMT)):
-        train_model(compose(overrides), run_dir=root / name)
-        made[name] = root / name / "checkpoints" / "last.pt"
-    return made
+    return train_runs(tmp_path_factory.mktemp("export"), {"digits": DIGITS, "nmt": NMT})
 
 
 def reference(ckpt: Path) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import train_runs
 
 from trainkit import checkpoint, train_model
 from trainkit.build import build
@@ -42,14 +43,7 @@ class Touch:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A digits_mlp and an nmt_tiny checkpoint, each a few steps, trained in-process."""
-    from trainkit.cli import compose
-
-    root = tmp_path_factory.mktemp("trusted")
-    made = {}
-    for name, overrides in (("digits", DIGITS), ("nmt", NMT)):
-        train_model(compose(overrides), run_dir=root / name)
-        made[name] = root / name / "checkpoints" / "last.pt"
-    return made
+    return train_runs(tmp_path_factory.mktemp("trusted"), {"digits": DIGITS, "nmt": NMT})
 
 
 @pytest.fixture
