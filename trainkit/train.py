@@ -417,8 +417,9 @@ class Trainer:
         if use_best and self.checkpoint_dir is not None:
             self.dist.barrier()  # every rank, before looking: rank 0 may still be writing best.pt
             best = self.best_checkpoint()
-            if best is not None:
-                self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
+            saved = read_verified(best) if best is not None else None  # one verified read: the weights
+            if saved is not None and self.is_lineage_best(saved.get("trainer_state", {})):
+                self.model.load_state_dict(saved["model"])
             elif self.history:
                 self.logger.warning("no best.pt of this run in %s: testing the last weights", self.checkpoint_dir)
         return self.evaluate(loader, "test")
@@ -426,11 +427,16 @@ class Trainer:
     def best_checkpoint(self) -> Path | None:
         """``checkpoints/best.pt`` if it is this run's best: written by this run's lineage (the
         run and the runs it was resumed from) at the best step. A best.pt of another run left
-        in the same directory is never used."""
+        in the same directory is never used. A cheap look (memory-mapped, unverified): whoever
+        uses the weights reads them verified."""
         path = self.checkpoint_dir / "best.pt" if self.checkpoint_dir is not None else None
         if path is None or not path.is_file():
             return None
-        return path if self.is_lineage_best(saved_trainer_state(path)) else None
+        try:
+            saved = checkpoint.read(path, mmap=True).get("trainer_state", {})
+        except ConfigError:
+            return None
+        return path if self.is_lineage_best(saved) else None
 
     def is_lineage_best(self, saved: dict[str, Any]) -> bool:
         """Whether a checkpoint's trainer_state is this lineage's best (or, without validation, latest)."""
@@ -549,7 +555,8 @@ class Trainer:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         candidates = [source_dir / "best.pt", source]
-        best = next((c for c in candidates if self.is_lineage_best(saved_trainer_state(c))), None)
+        best = next((c for c in candidates if c.is_file() and self.is_lineage_best(
+            (read_verified(c) or {}).get("trainer_state", {}))), None)
         if best is not None:
             checkpoint.link(best, self.checkpoint_dir / "best.pt")
         elif self.state.best_step is not None:
@@ -569,15 +576,13 @@ class Trainer:
                 method(self, *args)
 
 
-def saved_trainer_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's trainer_state; ``{}`` when the file is missing or fails its checks (warned)."""
-    if not path.is_file():
-        return {}
+def read_verified(path: Path) -> dict[str, Any] | None:
+    """A checkpoint that passes its checks, or None (warned) when it does not."""
     try:
-        return checkpoint.load(path).get("trainer_state", {})
+        return checkpoint.load(path)
     except ConfigError as error:
         log.warning("%s; not used as this run's best checkpoint", error)
-        return {}
+        return None
 
 
 def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Any, path: Any) -> None:
