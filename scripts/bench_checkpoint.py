@@ -1,7 +1,7 @@
 """What checkpoint checksums cost: loading with and without verification, and the checksum at save.
 
 For each size, a checkpoint of that many 1 MiB float32 tensors is written once with
-``trainkit.checkpoint.save``; then, in every round, the two contenders run back to back in
+``trainkit.core.checkpoint.save``; then, in every round, the two contenders run back to back in
 alternating order (``read``: ``torch.load(weights_only=True)`` only; ``load``: the same plus
 verifying every checksum), then the checksums of the loaded state (what ``load`` adds) and of
 the in-memory state (what ``save`` adds) are timed on their own. Medians over the rounds; the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from trainkit import checkpoint
+from trainkit.core import checkpoint
 
 MIB = 2**20
 

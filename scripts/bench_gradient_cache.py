@@ -33,9 +33,9 @@ def worker(batch: int, chunk: int | None, hidden: list[int], embedding: int, ste
     import numpy as np
     import torch
 
+    from trainkit.core.precision import Precision
     from trainkit.data.arrays import FILES
     from trainkit.models import MLP
-    from trainkit.precision import Precision
     from trainkit.tasks.contrastive import ContrastiveTask
 
     torch.set_num_threads(1)

@@ -153,8 +153,8 @@ def decoding() -> dict:
     """Sentences per second: incremental (cached) greedy and beam-4 against full re-decoding."""
     import torch
 
-    from trainkit.decoding import beam_search, greedy_decode
     from trainkit.models import Transformer
+    from trainkit.models.decoding import beam_search, greedy_decode
 
     torch.manual_seed(0)
     model = Transformer(256, 256).eval()

@@ -31,7 +31,7 @@ class KillDuringSave(Callback):
     def on_step_end(self, trainer) -> None:
         if trainer.state.global_step != self.step:
             return
-        import trainkit.checkpoint
+        import trainkit.core.checkpoint
 
         real_save = torch.save
 
@@ -42,7 +42,7 @@ class KillDuringSave(Callback):
             os.fsync(file.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
 
-        trainkit.checkpoint.torch.save = half_save  # type: ignore[attr-defined]
+        trainkit.core.checkpoint.torch.save = half_save  # type: ignore[attr-defined]
 
 
 class NanAtCall(MLP):

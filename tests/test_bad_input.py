@@ -301,15 +301,15 @@ def test_full_error_shows_traceback(earlier):
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(compose, tmp_path, monkeypatch):
-    import trainkit.checkpoint
+    import trainkit.core.checkpoint
     from trainkit import train_model
-    from trainkit.errors import TrainkitError
+    from trainkit.core.errors import TrainkitError
 
     cfg = compose(["+experiment=digits_mlp", "trainer.max_epochs=2", "scheduler=none",
                    "logging.tensorboard=false", "logging.progress_bar=false"])
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    real_save = trainkit.checkpoint.torch.save
+    real_save = trainkit.core.checkpoint.torch.save
     calls: list[object] = []
     first: dict[str, bytes] = {}
 
@@ -320,7 +320,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(compose, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(trainkit.checkpoint.torch, "save", save)
+    monkeypatch.setattr(trainkit.core.checkpoint.torch, "save", save)
     with pytest.raises(TrainkitError) as raised:
         train_model(cfg, run_dir=run_dir)
     monkeypatch.undo()
@@ -356,8 +356,8 @@ def rng_states() -> list:
 
 
 def test_dry_forward_leaves_rngs_and_training_flags_as_they_were(compose):
-    from trainkit.build import build
-    from trainkit.checks import check_fit
+    from trainkit.run.build import build
+    from trainkit.run.checks import check_fit
 
     cfg = compose(["+experiment=digits_mlp", f"model._target_={__name__}.NoisyMLP", "~model.hidden_sizes",
                    "~model.dropout", "~model.activation", "~model.gradient_checkpointing"])
@@ -378,16 +378,16 @@ def test_runs_with_and_without_the_dry_forward_are_identical(compose, tmp_path, 
     """digits_contrastive draws its augmentations from torch's RNG inside the loss."""
     from conftest import assert_same_weights, load_weights
 
-    import trainkit.checks
+    import trainkit.run.checks
     from trainkit import train_model
 
     overrides = ["+experiment=digits_contrastive", "trainer.max_steps=3", "trainer.test_after_fit=false",
                  "logging.tensorboard=false", "logging.progress_bar=false"]
     calls = []
-    real = trainkit.checks.check_fit
-    monkeypatch.setattr(trainkit.checks, "check_fit", lambda *args: calls.append(real(*args)))
+    real = trainkit.run.checks.check_fit
+    monkeypatch.setattr(trainkit.run.checks, "check_fit", lambda *args: calls.append(real(*args)))
     train_model(compose(overrides), run_dir=tmp_path / "checked")
-    monkeypatch.setattr(trainkit.checks, "check_fit", lambda *args: None)
+    monkeypatch.setattr(trainkit.run.checks, "check_fit", lambda *args: None)
     train_model(compose(overrides), run_dir=tmp_path / "unchecked")
     assert len(calls) == 1
     assert_same_weights(load_weights(tmp_path / "checked/checkpoints/last.pt"),

@@ -21,7 +21,7 @@ from conftest import assert_same_weights, load_weights
 
 from trainkit import checkpoint, train_model
 from trainkit.callbacks import Callback
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 TESTS = Path(__file__).parent
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false", "logging.tensorboard=false",
@@ -289,7 +289,7 @@ def test_find_latest_takes_the_newest_good_checkpoint_by_step_then_by_run(tmp_pa
 
 def test_resume_auto_falls_back_to_best_when_last_is_corrupt_and_ends_bitwise_equal(compose, tmp_path, uninterrupted,
                                                                                      caplog):
-    from trainkit.train import Preempted
+    from trainkit.core.errors import Preempted
 
     first = tmp_path / "runs" / "first"
     with pytest.raises(Preempted):
@@ -312,7 +312,7 @@ def test_resume_auto_falls_back_to_best_when_last_is_corrupt_and_ends_bitwise_eq
 def test_resume_auto_from_a_top_k_file_when_last_and_best_are_corrupt(compose, tmp_path, caplog):
     """The lineage's best.pt is corrupt too: the resume goes on from the good top-k file, warns
     that best.pt is not used, and reaches the end."""
-    from trainkit.train import Preempted
+    from trainkit.core.errors import Preempted
 
     # val/loss falls, so with mode=max the top 2 are steps 10 (best.pt, a hard link) and 20.
     common = [*DIGITS, "trainer.save_top_k=2", "trainer.eval_every_n_steps=10", "trainer.monitor=val/loss",
@@ -336,8 +336,8 @@ def test_resume_auto_from_a_top_k_file_when_last_and_best_are_corrupt(compose, t
 FILE_SIZE_LIMIT = textwrap.dedent("""
     import json, os, resource, signal, sys, torch
     from pathlib import Path
-    from trainkit import checkpoint
-    from trainkit.errors import ConfigError
+    from trainkit.core import checkpoint
+    from trainkit.core.errors import ConfigError
     folder = Path(sys.argv[1])
     last, best = folder / "last.pt", folder / "best.pt"
     checkpoint.save({"model": {"w": torch.randn(1_000)}}, last)

@@ -11,10 +11,9 @@ from conftest import assert_same_weights, load_weights
 from torch import nn
 
 from trainkit import Trainer, train_model
-from trainkit.curriculum import Schedule, scheduled_value
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError, Preempted
 from trainkit.losses import CompositeLoss, L2Penalty, loss_and_terms
-from trainkit.train import Preempted
+from trainkit.techniques.curriculum import Schedule, scheduled_value
 
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false"]
 

@@ -13,11 +13,11 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import train_model
+from trainkit.core.errors import Preempted
+from trainkit.core.precision import Precision
 from trainkit.data.arrays import FILES
 from trainkit.models import MLP
-from trainkit.precision import Precision
 from trainkit.tasks.contrastive import ContrastiveTask, info_nce_sum, recall_at_1
-from trainkit.train import Preempted
 
 QUIET = ["logging.progress_bar=false"]
 
@@ -115,8 +115,8 @@ def test_augmented_views_shift_and_stay_in_range():
 
 
 def test_bad_chunk_size_names_the_key(compose):
-    from trainkit.build import build
-    from trainkit.errors import ConfigError
+    from trainkit.core.errors import ConfigError
+    from trainkit.run.build import build
 
     cfg = compose(["+experiment=digits_contrastive", "trainer.gradient_cache.chunk_size=0"])
     with pytest.raises(ConfigError, match="trainer.gradient_cache.chunk_size=0"):

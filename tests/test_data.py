@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
+from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import FixedBatches, TokenBatches
-from trainkit.errors import ConfigError
 
 
 def covered(batches):
@@ -90,7 +90,7 @@ def test_shipped_digits_splits():
 
 def seq2seq_weights(compose, tmp_path, name, *overrides):
     from trainkit import train_model
-    from trainkit.train import load_weights  # noqa: F401  (import check)
+    from trainkit.core.checkpoint import load_weights  # noqa: F401  (import check)
 
     cfg = compose(["+experiment=nmt_tiny", "data.max_tokens=null", "data.shuffle=false", "model.dropout=0",
                    "trainer.max_steps=12", "task.num_samples=0", "task.metrics=[perplexity]",

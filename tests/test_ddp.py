@@ -89,7 +89,7 @@ def test_self_launch_inside_a_sweep(tmp_path):
 
 
 def test_two_nodes_on_loopback(tmp_path):
-    from trainkit.distributed import free_port
+    from trainkit.engine.launcher import free_port
 
     port = free_port()
     nodes = [

@@ -14,8 +14,7 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import train_model
-from trainkit.errors import ConfigError
-from trainkit.train import Preempted
+from trainkit.core.errors import ConfigError, Preempted
 
 TESTS = Path(__file__).parent
 QUIET = ["logging.progress_bar=false"]
@@ -38,7 +37,7 @@ def distill(compose, tmp_path, name, teacher, *overrides):
 
 
 def test_kd_loss_equals_the_formula(teacher):
-    from trainkit.distill import DistillationLoss
+    from trainkit.techniques.distill import DistillationLoss
 
     loss = DistillationLoss(teacher_ckpt=str(teacher), temperature=2.0, alpha=0.3, ignore_index=-1,
                             in_features=64, out_features=10)

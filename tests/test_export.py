@@ -10,11 +10,10 @@ import torch
 import yaml
 from conftest import train_runs
 
-from trainkit.build import build
-from trainkit.errors import ConfigError
-from trainkit.export import export_checkpoint
-from trainkit.inference import read_checkpoint
-from trainkit.train import load_weights
+from trainkit.commands.export import export_checkpoint
+from trainkit.core.checkpoint import load_weights, read_checkpoint
+from trainkit.core.errors import ConfigError
+from trainkit.run.build import build
 
 DIGITS = ["+experiment=digits_mlp", "trainer.max_steps=20", "scheduler.warmup_steps=5",
           "logging.progress_bar=false"]

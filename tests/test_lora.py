@@ -10,12 +10,12 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import train_model
-from trainkit.build import build
-from trainkit.errors import ConfigError
-from trainkit.export import export_checkpoint, plain_model
-from trainkit.lora import LoRALinear, apply_lora, merge_lora
+from trainkit.commands.export import export_checkpoint, plain_model
+from trainkit.core.errors import ConfigError, Preempted
+from trainkit.engine.loop import Trainer
 from trainkit.models import Transformer
-from trainkit.train import Preempted, Trainer
+from trainkit.run.build import build
+from trainkit.techniques.lora import LoRALinear, apply_lora, merge_lora
 
 DIGITS = ["+experiment=digits_mlp", "trainer.max_steps=20", "scheduler.warmup_steps=5", "logging.progress_bar=false"]
 

@@ -17,8 +17,7 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import train_model
-from trainkit.errors import TrainingFailed
-from trainkit.train import Preempted
+from trainkit.core.errors import Preempted, TrainingFailed
 
 TESTS = Path(__file__).parent
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false", "trainer.max_epochs=3", "model.dropout=0.2"]
@@ -141,8 +140,8 @@ def test_nan_policy_skip_gives_up_after_consecutive_skips(compose, tmp_path):
 
 
 def test_old_torch_is_refused(monkeypatch, tmp_path):
-    import trainkit.checkpoint as checkpoint_module
-    from trainkit.errors import ConfigError
+    import trainkit.core.checkpoint as checkpoint_module
+    from trainkit.core.errors import ConfigError
 
     monkeypatch.setattr(checkpoint_module.torch, "__version__", "2.5.1+cpu")
     with pytest.raises(ConfigError, match=r"torch 2.5.1\+cpu is too old: trainkit needs torch >= 2.6"):

@@ -24,10 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import Trainer, train_model
-from trainkit.errors import ConfigError
-from trainkit.loop_parts import rank_seed
-from trainkit.stop import STOP
-from trainkit.train import Preempted
+from trainkit.core.errors import ConfigError, Preempted
+from trainkit.core.seeding import rank_seed
+from trainkit.core.stop import STOP
 
 TESTS = Path(__file__).parent
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false", "trainer.max_epochs=3", "model.dropout=0.2"]
@@ -122,7 +121,7 @@ def test_two_callbacks_of_one_class_keep_their_own_state(compose, tmp_path):
 
 
 def test_a_sequence_of_callbacks_is_named_by_class_and_numbered():
-    from trainkit.train import callback_names
+    from trainkit.engine.checkpoints import callback_names
 
     class A:
         pass

@@ -81,7 +81,7 @@ def test_report_prints_the_table_and_writes_a_png(grid, tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     assert "| job | status | optimizer.lr | scheduler | best val/accuracy" in out.stdout
     assert (grid / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from trainkit.report import report
+    from trainkit.commands.report import report
 
     picture = report(grid / "0", out=tmp_path / "run.png")
     assert "# Run" in capsys.readouterr().out and picture.read_bytes()[:4] == b"\x89PNG"
@@ -216,7 +216,7 @@ def test_a_missing_plugin_names_what_to_install(tmp_path):
     out = trainkit("train", "-m", *QUICK, "hydra/sweeper=nevergrad", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pip install hydra-nevergrad-sweeper" in out.stderr
-    from trainkit.sweep import missing_plugin
+    from trainkit.commands.sweep import missing_plugin
 
     message = missing_plugin(Exception("In 'hydra/config': Could not find 'hydra/launcher/joblib'"))
     assert message.startswith("hydra/launcher=joblib needs the Hydra plugin hydra-joblib-launcher")
@@ -226,7 +226,7 @@ def test_a_missing_plugin_names_what_to_install(tmp_path):
 def test_limit_threads_gives_each_job_its_share():
     from omegaconf import OmegaConf
 
-    from trainkit.sweep import limit_threads
+    from trainkit.commands.sweep import limit_threads
 
     cores = os.cpu_count() or 1
     try:

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import checkpoint, train_model
-from trainkit.train import Preempted
+from trainkit.core.errors import Preempted
 
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false"]
 
@@ -261,8 +261,8 @@ def test_fp64_trains_the_optimizers_own_parameters_in_float64():
 def test_fp64_batches_and_refusals(compose, tmp_path):
     from collections import namedtuple
 
-    from trainkit.errors import ConfigError
-    from trainkit.precision import Precision
+    from trainkit.core.errors import ConfigError
+    from trainkit.core.precision import Precision
 
     cpu = torch.device("cpu")
     Pair = namedtuple("Pair", "features count")
@@ -340,8 +340,8 @@ def test_a_model_left_in_eval_mode_is_trained_in_train_mode(tmp_path):
 
 
 def test_loss_meter_sums_windows_and_epochs_exactly():
-    from trainkit.distributed import Dist
-    from trainkit.loop_parts import LossMeter
+    from trainkit.core.ranks import Dist
+    from trainkit.engine.meter import LossMeter
 
     dist = Dist(device=torch.device("cpu"))
     meter = LossMeter(torch.device("cpu"))
@@ -357,8 +357,8 @@ def test_loss_meter_sums_windows_and_epochs_exactly():
 
 
 def test_loss_meter_keeps_bounded_memory_over_long_windows():
-    from trainkit.distributed import Dist
-    from trainkit.loop_parts import LossMeter
+    from trainkit.core.ranks import Dist
+    from trainkit.engine.meter import LossMeter
 
     meter = LossMeter(torch.device("cpu"))
     for _ in range(5000):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainkit.decoding import beam_search, greedy_decode
+from trainkit.models.decoding import beam_search, greedy_decode
 from trainkit.models.transformer import Transformer
 
 PAD, BOS, EOS = 0, 1, 2

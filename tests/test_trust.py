@@ -20,10 +20,10 @@ import yaml
 from conftest import train_runs
 
 from trainkit import checkpoint, train_model
-from trainkit.build import build
-from trainkit.errors import ConfigError
-from trainkit.export import export_checkpoint
-from trainkit.inference import evaluate_checkpoint, load_translator
+from trainkit.commands.export import export_checkpoint
+from trainkit.commands.inference import evaluate_checkpoint, load_translator
+from trainkit.core.errors import ConfigError
+from trainkit.run.build import build
 
 DIGITS = ["+experiment=digits_mlp", "trainer.max_steps=3", "scheduler.warmup_steps=1", "logging.progress_bar=false"]
 NMT = ["+experiment=nmt_tiny", "trainer.max_steps=2", "scheduler.warmup_steps=1", "task.metrics=[perplexity]",
@@ -103,12 +103,12 @@ def gadgets(pickled: Path, marker: Path) -> dict[str, tuple[Callable[[dict], Non
             "_target_": "trainkit.data.translation.os.system", "_args_": [f"touch {marker}"]}),
             "model.activation", "trainkit.data.translation.os.system"),
         "checkpoint_save": (lambda c: c.__setitem__("model", {
-            "_target_": "trainkit.checkpoint.save", "state": {}, "path": str(marker)}),
-            "model", "trainkit.checkpoint.save"),
+            "_target_": "trainkit.core.checkpoint.save", "state": {}, "path": str(marker)}),
+            "model", "trainkit.core.checkpoint.save"),
         "export_path_writer": (lambda c: c["model"].__setitem__("activation", {
-            "_target_": "trainkit.export.Path.write_text",
-            "_args_": [{"_target_": "trainkit.export.Path", "_args_": [str(marker)]}, "x"]}),
-            "model.activation", "trainkit.export.Path.write_text"),
+            "_target_": "trainkit.commands.export.Path.write_text",
+            "_args_": [{"_target_": "trainkit.commands.export.Path", "_args_": [str(marker)]}, "x"]}),
+            "model.activation", "trainkit.commands.export.Path.write_text"),
     }
 
 
@@ -347,12 +347,12 @@ def test_export_to_an_unwritable_place_is_exit_2_and_leaves_nothing(run_cli, tra
 
 
 def test_an_export_failing_midway_leaves_no_partial_files(trained, tmp_path, monkeypatch):
-    import trainkit.export
+    import trainkit.commands.export
 
     def failing_sidecars(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainkit.export, "write_sidecars", failing_sidecars)
+    monkeypatch.setattr(trainkit.commands.export, "write_sidecars", failing_sidecars)
     out = tmp_path / "new" / "deeper"
     with pytest.raises(ConfigError, match=f"export: cannot write out={out / 'm.safetensors'}: No space left"):
         export_checkpoint(trained["digits"], "safetensors", out / "m.safetensors")

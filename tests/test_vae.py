@@ -11,14 +11,13 @@ import torch
 from conftest import assert_same_weights, load_weights
 
 from trainkit import train_model
-from trainkit.distributed import Dist
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError, Preempted
+from trainkit.core.ranks import Dist
 from trainkit.losses import GaussianKL, VAELoss, gaussian_kl
 from trainkit.models import VAE
 from trainkit.models.vae import VAEOutput
 from trainkit.tasks import VAETask
 from trainkit.tasks.vae import image_grid
-from trainkit.train import Preempted
 
 VAE_RUN = ["+experiment=digits_vae", "logging.progress_bar=false"]
 
@@ -123,7 +122,7 @@ def test_task_checks_its_options_and_loss(compose):
 
 
 def test_preset_and_options_validate(compose):
-    from trainkit.build import validate
+    from trainkit.run.build import validate
 
     assert validate(compose(["+experiment=digits_vae"])) == []
     assert validate(compose(["+experiment=digits_mlp", "loss=composite"])) == []

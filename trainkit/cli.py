@@ -14,7 +14,8 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from trainkit.__about__ import __version__
-from trainkit.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, TrainkitError, did_you_mean
+from trainkit.commands.failures import explain
+from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, TrainkitError, did_you_mean
 
 USAGE = """\
 usage: trainkit COMMAND [ARGS]
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command is None:
         fail(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (commands: {', '.join(commands)})")
     if argv[0] == "train":
-        from trainkit import stop
+        from trainkit.core import stop
 
         stop.install()  # from now on SIGTERM/SIGUSR1 end the run at its next safe point with exit 75
     sys.exit(guarded(lambda: command(argv[1:])))
@@ -90,92 +91,30 @@ def guarded(run: Callable[[], int | None]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
-def explain(error: BaseException) -> tuple[int, str]:
-    """(exit code, one message) for an exception from composing, building or training."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(error, TrainkitError):
-        return error.exit_code, str(error)
-    from trainkit.sweep import missing_plugin
-
-    plugin_hint = missing_plugin(error)
-    if plugin_hint is not None:
-        return EXIT_USAGE, plugin_hint
-    chain = causes(error)
-    key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
-    if key_error is not None:
-        return EXIT_USAGE, explain_key_error(error, key_error)
-    yaml_error = next((e for e in chain if type(e).__module__.startswith("yaml")), None)
-    if yaml_error is not None:
-        return EXIT_USAGE, "invalid YAML: " + " ".join(str(yaml_error).split())
-    os_error = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
-    if os_error is not None:
-        return EXIT_USAGE, f"cannot use {os_error.filename}: {os_error.strerror or os_error}"
-    if any(isinstance(e, (HydraException, OmegaConfBaseException)) for e in chain):
-        text = str(error).split("Config search path")[0]
-        lines = [line.strip() for line in text.split("\n") if line.strip()]
-        return EXIT_USAGE, " ".join(lines[:12])
-    return EXIT_FAILED, f"{type(error).__name__}: {error}"
-
-
-def causes(error: BaseException) -> list[BaseException]:
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
-def explain_key_error(error: BaseException, key_error: BaseException) -> str:
-    """Name the full key, the file it came from, and the closest valid key: from the schema,
-    or from the signature of the group's ``_target_``."""
-    import re
-
-    from trainkit.build import accepted, resolve_target
-    from trainkit.schema import schema_keys
-
-    full_key = key_error.full_key
-    parent, _, key = full_key.rpartition(".")
-    source = re.search(r"In '([^']+)'", str(error))
-    where = f" (in {source.group(1)}.yaml)" if source and source.group(1) != "config" else ""
-    valid = schema_keys(parent)
-    node = getattr(key_error, "parent_node", None)
-    if valid is None and node is not None and "_target_" in node:
-        try:
-            valid = list(accepted(resolve_target(node, parent))[0])
-        except Exception:
-            valid = None
-    if valid is not None and key not in valid:
-        hint = did_you_mean(key, valid, f"{parent}." if parent else "")
-        return f"unknown key {full_key!r}{hint}{where}"
-    reason = str(key_error).split("\n")[0]
-    return f"{full_key}: {reason}{where}"
-
 
 # train ------------------------------------------------------------------------------------------
 def run_train(args: list[str]) -> int:
     import hydra
 
-    from trainkit.schema import register_schema
+    from trainkit.core.schema import register_schema
 
     register_schema()
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
     def train(cfg) -> float | None:
-        from trainkit.sweep import run_job
-        from trainkit.train import train_model
+        from trainkit.commands.sweep import run_job
+        from trainkit.run.train import train_model
 
         # The monitored metric, the objective a sweeper optimises; a multirun job that fails
         # is recorded in the sweep's summary and returns None instead of ending the sweep.
         return run_job(cfg, train_model)
 
-    from trainkit import distributed
+    from trainkit.core import ranks
+    from trainkit.engine import launcher
 
-    if distributed.under_torchrun():  # every rank runs this app: agree on one run directory
-        distributed.agree_on_start_time()
-        args = [*args, *distributed.worker_overrides()]
+    if ranks.under_torchrun():  # every rank runs this app: agree on one run directory
+        ranks.agree_on_start_time()
+        args = [*args, *launcher.worker_overrides()]
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if restarted and not any(a.startswith("resume=") for a in args):
             args.append("resume=auto")  # torchrun --max-restarts: continue from the last checkpoint
@@ -194,7 +133,7 @@ def compose(overrides: list[str], config_dir: str | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from trainkit.schema import register_schema
+    from trainkit.core.schema import register_schema
 
     register_schema()
     if config_dir:
@@ -204,7 +143,7 @@ def compose(overrides: list[str], config_dir: str | None = None):
 
 
 def run_validate(args: list[str]) -> int:
-    from trainkit.build import validate
+    from trainkit.run.build import validate
 
     config_dir = None
     if "--config-dir" in args:
@@ -255,8 +194,8 @@ def log_to_stderr() -> None:
 
 
 def run_eval(args: list[str]) -> int:
-    from trainkit.build import parse_trust
-    from trainkit.inference import evaluate_checkpoint
+    from trainkit.commands.inference import evaluate_checkpoint
+    from trainkit.core.builder import parse_trust
 
     log_to_stderr()
     options = parse_pairs(args, {"ckpt": "checkpoint path", "split": "val|test", "device": "cpu|cuda|auto",
@@ -274,8 +213,8 @@ def run_eval(args: list[str]) -> int:
 
 
 def run_translate(args: list[str]) -> int:
-    from trainkit.build import parse_trust
-    from trainkit.inference import translate_stream
+    from trainkit.commands.inference import translate_stream
+    from trainkit.core.builder import parse_trust
 
     log_to_stderr()
     options = parse_pairs(args, {"ckpt": "", "input": "", "beam": "", "batch_size": "", "max_len": "",
@@ -298,8 +237,8 @@ def run_translate(args: list[str]) -> int:
 
 # export -----------------------------------------------------------------------------------------
 def run_export(args: list[str]) -> int:
-    from trainkit.build import parse_trust
-    from trainkit.export import EXTENSIONS, export_checkpoint
+    from trainkit.commands.export import EXTENSIONS, export_checkpoint
+    from trainkit.core.builder import parse_trust
 
     log_to_stderr()
     options = parse_pairs(args, {"ckpt": "checkpoint path", "format": "|".join(EXTENSIONS),
@@ -314,7 +253,7 @@ def run_export(args: list[str]) -> int:
 
 # report -----------------------------------------------------------------------------------------
 def run_report(args: list[str]) -> int:
-    from trainkit.report import report
+    from trainkit.commands.report import report
 
     if not args or "=" in args[0]:
         raise ConfigError("report: give a sweep or run directory: trainkit report DIR [out=FILE.png]")

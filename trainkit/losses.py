@@ -5,7 +5,7 @@ count of the whole optimizer step). A loss with named parts offers
 ``named_losses(output, target) -> {name: summed tensor}`` whose values add up to the loss;
 ``loss_and_terms`` is how a task calls any loss and gets those parts to log as
 ``train/loss/<name>``. Nothing here reads the data or the config files: terms are built
-through ``trainkit.build.instantiate``, the same checks as every other ``_target_``.
+through ``trainkit.core.builder.instantiate``, the same checks as every other ``_target_``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainkit.errors import ConfigError, did_you_mean
-from trainkit.precision import widened
+from trainkit.core.builder import accepted, resolve_target
+from trainkit.core.errors import ConfigError, did_you_mean
+from trainkit.core.precision import widened
 
 TERM_KEYS = ("loss", "weight", "output_key", "target_key")
 
@@ -106,7 +107,7 @@ def build_term(name: str, spec: Any, runtime: dict[str, Any]) -> Term:
     """A ``Term`` from its config, its loss checked and built like any ``_target_``."""
     from omegaconf import OmegaConf
 
-    from trainkit.build import instantiate, reduction_sum
+    from trainkit.core.builder import instantiate
 
     path = f"loss.terms.{name}"
     if not isinstance(spec, Mapping) or "loss" not in spec:
@@ -208,3 +209,8 @@ class VAELoss:
     def __call__(self, output: Any, target: Tensor) -> Tensor:
         parts = self.parts(output, target)
         return parts.reconstruction.sum() + self.beta * parts.kl.sum()
+
+
+def reduction_sum(loss_cfg: Any) -> dict[str, str]:
+    params, takes_any = accepted(resolve_target(loss_cfg, "loss"))
+    return {"reduction": "sum"} if "reduction" in params else {}

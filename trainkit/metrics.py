@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainkit.distributed import sum_over_ranks
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
+from trainkit.core.ranks import sum_over_ranks
 
 
 class SumMetric:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 log = logging.getLogger("trainkit")
 
@@ -97,3 +99,26 @@ class Noam(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch) for _ in self.base_lrs]
+
+
+class Schedule:
+    """Steps a per-step scheduler after every optimizer step, a plateau one after evaluation."""
+
+    def __init__(self, scheduler: Any, monitor: str):
+        self.scheduler, self.monitor = scheduler, monitor
+        self.on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def after_step(self) -> None:
+        if self.scheduler is not None and not self.on_metric:
+            self.scheduler.step()
+
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        if self.on_metric:
+            self.scheduler.step(metrics[self.monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scheduler is not None and state:
+            self.scheduler.load_state_dict(state)

@@ -3,7 +3,7 @@ or as a plain checkpoint with LoRA adapters merged in (``format=merged``).
 
 The model is rebuilt from the config stored in the checkpoint (read with
 ``weights_only=True``, every ``_target_`` in it trusted first, see
-``trainkit.inference.read_checkpoint``) and the runtime values stored beside it, without
+``trainkit.core.checkpoint.read_checkpoint``) and the runtime values stored beside it, without
 reading data; a LoRA checkpoint is rebuilt on its ``init_from`` base and its adapters
 merged, so every format holds one plain model. Beside the exported file go the
 resolved config (``<base>.yaml``) and, for translation models, the tokenizer
@@ -41,9 +41,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainkit import checkpoint
 from trainkit.__about__ import __version__
-from trainkit.errors import ConfigError, TrainkitError
+from trainkit.core import checkpoint
+from trainkit.core.errors import ConfigError, TrainkitError
 
 log = logging.getLogger("trainkit")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx",
@@ -116,8 +116,9 @@ def plain_model(ckpt: str | Path, trust: Sequence[str] = ()) -> tuple[nn.Module,
     """(the checkpoint's model in eval mode with any LoRA adapters merged, its config without
     ``finetune``/``init_from``, the checkpoint dict). Sized by the checkpoint's stored runtime
     values (or its tokenizer): data is read only for a checkpoint that holds neither."""
-    from trainkit.inference import read_checkpoint, rebuild_model
-    from trainkit.lora import merge_lora
+    from trainkit.core.checkpoint import read_checkpoint
+    from trainkit.techniques.lora import merge_lora
+    from trainkit.techniques.rebuild import rebuild_model
 
     state, cfg = read_checkpoint(ckpt, trust)
     lora = cfg.get("finetune") is not None

@@ -14,8 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainkit.errors import ConfigError
-from trainkit.sweep import (
+from trainkit.commands.sweep import (
     JOB_FILE,
     JobRow,
     collect_rows,
@@ -26,6 +25,7 @@ from trainkit.sweep import (
     to_markdown,
     write_summary,
 )
+from trainkit.core.errors import ConfigError
 
 
 def report(path: str | Path, out: str | Path | None = None) -> Path:

@@ -37,7 +37,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 log = logging.getLogger("trainkit")
 JOB_FILE = "job.json"
@@ -65,7 +65,7 @@ def run_job(cfg: Any, train_fn: Callable[[Any], Any]) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trainkit.train import Preempted
+    from trainkit.core.errors import Preempted
 
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
@@ -92,7 +92,7 @@ def run_job(cfg: Any, train_fn: Callable[[Any], Any]) -> float | None:
         last = job_dir / "checkpoints" / "last.pt"
         raise Preempted(f"job {record['job']} stopped on request ({last} is resumable); {rerun}") from error
     except Exception as error:  # a failed job is a row of the table, not the end of the sweep
-        from trainkit.cli import explain
+        from trainkit.commands.failures import explain
 
         log.exception("job %s failed", record["job"])
         message = explain(error)[1].strip().split("\n")[0]
@@ -272,7 +272,7 @@ class SweepSummary(Callback):
     """Hydra callback: the sweep root's summary, rewritten whenever a job ends."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from trainkit.schema import START_TIME
+        from trainkit.core.schema import START_TIME
 
         # Jobs in other processes (joblib, submitit) resolve ${trainkit_now:...} from this
         # variable, which they inherit: every job lands in this one sweep dir.

@@ -10,26 +10,23 @@ signature accepts them and the config does not set them.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainkit.errors import ConfigError, ConfigErrors, did_you_mean
-from trainkit.lora import apply_finetune
-from trainkit.schema import check_values
+from trainkit.core.errors import ConfigError, ConfigErrors, did_you_mean
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # What a config read from a checkpoint may build without the user's say-so: classes of
-# trainkit's component modules, torch.nn and torch.optim. Not trainkit.checkpoint, .export,
+# trainkit's component modules, torch.nn and torch.optim. Not trainkit.core.checkpoint, .export,
 # .train, .logs, ...: those read and write files.
 COMPONENTS = ("trainkit.models", "trainkit.data", "trainkit.tasks", "trainkit.losses", "trainkit.schedulers",
-              "trainkit.callbacks", "trainkit.metrics", "trainkit.distill", "trainkit.curriculum",
+              "trainkit.callbacks", "trainkit.metrics", "trainkit.techniques.distill", "trainkit.techniques.curriculum",
+              "trainkit.distill", "trainkit.curriculum",  # their paths before the layered package (trainkit.MOVED)
               "torch.nn", "torch.optim")
 DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 # The user's trust list while a config is built (``trust`` of the run, or of the eval/export/
@@ -227,101 +224,5 @@ def trust_hint(module: str) -> str:
     return module if top in ("trainkit", "torch") else top
 
 
-def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and normalisation weights (ndim <= 1) are exempt."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
 
 
-@dataclass
-class Components:
-    """Everything a run is made of, built from one config."""
-
-    data: Any
-    model: Any
-    task: Any
-    optimizer: Any
-    scheduler: Any
-    steps_per_epoch: int
-    total_steps: int
-    callbacks: list[Any] = field(default_factory=list)
-
-
-def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, optimizer steps in the whole run)."""
-    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.trainer.grad_accum_steps))
-    total = cfg.trainer.max_steps or cfg.trainer.max_epochs * per_epoch
-    return per_epoch, total
-
-
-def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
-          data_state: dict[str, Any] | None = None) -> Components:
-    """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
-    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back. A config
-    read from a checkpoint must have passed ``check_trusted`` (``inference.read_checkpoint``
-    does that and puts the user's own ``trust`` list in it)."""
-    from trainkit.checkpoint import require_safe_torch
-
-    require_safe_torch()
-    problems = check_values(cfg)
-    if problems:
-        raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
-    # A distillation teacher built here checks its checkpoint against the run's own trust list.
-    with trusting(parse_trust(cfg.get("trust"))):
-        data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
-                                              "data_state": data_state})
-        offered = dict(data.runtime_kwargs())
-        model = instantiate(cfg.model, "model", offered)
-        model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
-        loss = None
-        if cfg.get("loss") is not None:
-            loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))
-        task = instantiate(cfg.task, "task", {**offered, "loss_fn": loss, "model": model})
-        train_loader = data.loader("train")
-        steps_per_epoch, total_steps = optimizer_steps(cfg, len(train_loader))
-        weight_decay = cfg.optimizer.get("weight_decay", 0.0) or 0.0
-        optimizer = instantiate(cfg.optimizer, "optimizer", params=param_groups(model, weight_decay))
-        scheduler_runtime = {"total_steps": total_steps, "d_model": getattr(model, "d_model", None),
-                             "mode": cfg.trainer.monitor_mode}
-        scheduler = None
-        if cfg.get("scheduler") is not None:
-            scheduler = instantiate(cfg.scheduler, "scheduler", scheduler_runtime, optimizer=optimizer)
-        # A callback may ask for its key (name) and the run's length (a curriculum schedule does).
-        callbacks = [instantiate(node, f"callbacks.{name}", {"name": name, "steps_per_epoch": steps_per_epoch,
-                                                              "total_steps": total_steps})
-                     for name, node in (cfg.get("callbacks") or {}).items()]
-    from trainkit.checks import check_fit
-
-    check_fit(cfg, data, model, task)  # one dry forward: a misfit is a ConfigError now, not at step 1
-    return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
-
-
-def reduction_sum(loss_cfg: DictConfig) -> dict[str, str]:
-    params, takes_any = accepted(resolve_target(loss_cfg, "loss"))
-    return {"reduction": "sum"} if "reduction" in params else {}
-
-
-def validate(cfg: DictConfig) -> list[ConfigError]:
-    """Every problem of a config: each group is checked on its own, then all is built."""
-    problems = list(check_values(cfg))
-    nodes = {group: cfg.get(group) for group in ("data", "model", "loss", "optimizer", "scheduler", "task")}
-    nodes.update({f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items()})
-    for path, node in nodes.items():
-        if node is not None:
-            problems.extend(check_node(node, path))
-    if not problems:
-        try:
-            build(cfg, cfg.seed)
-        except ConfigErrors as error:
-            problems.extend(error.errors)
-        except ConfigError as error:
-            problems.append(error)
-    return problems
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

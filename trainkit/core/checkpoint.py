@@ -29,13 +29,17 @@ import random
 import re
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from trainkit.errors import ConfigError
+from trainkit.core.builder import check_trusted
+from trainkit.core.errors import ConfigError
 
 MIN_TORCH = (2, 6)
 
@@ -352,3 +356,50 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
+    """Load a state dict, or explain which parameter names and shapes do not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("shape mismatch", mismatched), ("missing in checkpoint", missing),
+                                      ("unexpected in checkpoint", unexpected)) if items]
+        raise ConfigError(f"{source}: the checkpoint's model does not match the configured model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+def read_checkpoint(path: str | Path, trust: Sequence[str] = ()) -> tuple[dict[str, Any], DictConfig]:
+    """(the checkpoint dict, its stored config) once every ``_target_`` in that config is trusted;
+    the config's ``trust`` key is replaced by ``trust``, the user's own list."""
+    state = load(path)
+    for key in ("model", "config"):
+        if key not in state:
+            raise ConfigError(f"checkpoint {path}: not a trainkit checkpoint (no {key!r})")
+    try:
+        cfg = OmegaConf.create(state["config"])  # YAML is parsed with a safe loader: no tags, no objects
+    except Exception as error:
+        raise ConfigError(f"checkpoint {path}: its stored config is not valid YAML ({error})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"checkpoint {path}: its stored config is not a mapping of keys")
+    check_trusted(cfg, str(path), trust)
+    cfg.trust = list(trust)
+    return state, cfg
+
+
+def stored_runtime(state: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    """The data's plain values the model was built with (sizes, pad id), None in checkpoints
+    written before trainkit kept them."""
+    runtime = state.get("runtime")
+    if runtime is None:
+        return None
+    plain = isinstance(runtime, dict) and all(
+        isinstance(key, str) and (value is None or isinstance(value, (bool, int, float, str)))
+        for key, value in runtime.items())
+    if not plain:
+        raise ConfigError(f"checkpoint {path}: its 'runtime' entry is not a mapping of plain values")
+    return dict(runtime)

@@ -55,3 +55,9 @@ def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
     """'; did you mean trainer.max_epochs?' or an empty string."""
     match = closest(name, candidates)
     return f"; did you mean {prefix}{match}?" if match else ""
+
+
+class Preempted(TrainkitError):
+    """Stopped on request (SIGTERM/SIGUSR1) after writing a resumable checkpoint."""
+
+    exit_code = EXIT_PREEMPTED

@@ -15,26 +15,12 @@ from typing import Any
 
 import torch
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-
-def resolve_device(kind: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks cuda > mps > cpu; each rank of a CUDA job takes GPU ``local_rank``."""
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda: no CUDA device is available here; use device=cpu or device=auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps: MPS is not available here; use device=cpu or device=auto")
-    if kind not in ("cpu", "mps"):
-        raise ConfigError(f"device.type={kind!r}: choose auto, cpu, cuda or mps")
-    return torch.device(kind)
 
 
 def widened(values: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ The schema backs the root of the composed config (Hydra's ConfigStore, struct mo
 misspelled top-level or ``trainer.*`` key fails at composition, in a YAML file or on the
 command line alike. Groups that name a ``_target_`` (model, data, loss, optimizer,
 scheduler, task, callbacks) stay free-form here; their keys are checked against the
-target's signature by ``trainkit.build``. Nothing here imports torch.
+target's signature by ``trainkit.run.build``. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from trainkit.errors import ConfigError, did_you_mean
+from trainkit.core.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainkitConfig:
     seed: int = 0
     resume: str | None = None  # null | auto | a checkpoint path
     init_from: str | None = None  # a trainkit checkpoint whose weights start the model (not its optimizer or step)
-    finetune: Any = None  # +finetune=lora: train low-rank adapters only (trainkit.lora)
+    finetune: Any = None  # +finetune=lora: train low-rank adapters only (trainkit.techniques.lora)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import FixedBatches
-from trainkit.errors import ConfigError
 
 FILES = Path(__file__).parent / "files"
 SPLITS = {"train": 0, "val": 1, "test": 2}

@@ -7,10 +7,13 @@ draws from the global RNG (a private generator seeded by (seed, epoch) shuffles)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+log = logging.getLogger("trainkit")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -111,3 +114,26 @@ class TokenBatches(BatchPlan):
         if generator is not None:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
+
+
+def set_epoch(loader: Iterable, epoch: int, start: int) -> None:
+    """Point a resumable batch plan at (epoch, first batch); a sampler with a one-argument
+    ``set_epoch`` (``DistributedSampler``) is reshuffled for the epoch, which then restarts.
+
+    The plan may sit on the loader's batch sampler (trainkit's own plans), on the sampler
+    inside a ``BatchSampler`` (a user's ``DataLoader(sampler=DistributedSampler(...))``), or on
+    the loader's sampler; the first one found with ``set_epoch`` is used.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (batch_sampler, getattr(batch_sampler, "sampler", None), getattr(loader, "sampler", None))
+    plan = next((c for c in candidates if c is not None and hasattr(c, "set_epoch")), None)
+    if plan is None:
+        if start:
+            log.warning("resuming mid-epoch with a loader that cannot skip batches: the epoch restarts")
+        return
+    try:
+        plan.set_epoch(epoch, start)
+    except TypeError:
+        plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
+        if start:
+            log.warning("resuming mid-epoch with a sampler that cannot skip batches: epoch %d restarts", epoch)

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import FixedBatches, TokenBatches
 from trainkit.data.tokenizers import Tokenizer, tokenizer_from_state, train_tokenizer
-from trainkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "files"

@@ -1,60 +1,47 @@
-"""``train_model()`` and the one training loop: the life of a run, top to bottom.
-
-1. **Compose** (``trainkit.cli``): Hydra composes ``conf/`` and the overrides against the
-   schema; a typo stops here with exit 2.
-2. **Join** (``distributed.setup``): under torchrun, join the process group; else one process.
-3. **Seed and build** (``build.build``): every ``_target_`` is checked against its
-   signature, then data, model, loss, task, optimizer and scheduler are instantiated.
-4. **Resume** (``resume=PATH|auto``): weights, optimizer, scheduler, scaler, RNG states and
-   the position inside the epoch come back; the batch plan restarts at that index.
-5. **Fit** (``Trainer.fit``): epochs of optimizer steps (``train_step``: forward and
-   backward over ``grad_accum_steps`` micro-batches, clip, step, schedule). Every
-   ``log_every_n_steps`` the losses accumulated on the device are read once; at the end of
-   every epoch (or every ``eval_every_n_steps``) the validation set is evaluated, best.pt
-   and last.pt are written, and early stopping is checked. SIGTERM/SIGUSR1 finish the
-   current step, write last.pt and exit 75.
-6. **Test and report**: best.pt is evaluated on the test split and ``result.json`` written.
+"""The training loop: ``Trainer.fit`` runs epochs of optimizer steps, ``train_step`` is the
+life of one step (forward and backward over ``grad_accum_steps`` micro-batches, clip, the
+non-finite check, step, schedule). Every ``log_every_n_steps`` the losses accumulated on the
+device are read once. SIGTERM/SIGUSR1 finish the current step, write last.pt and exit 75.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from trainkit import checkpoint
 from trainkit.__about__ import __version__
 from trainkit.callbacks import Callback
-from trainkit.distributed import Dist, gather_lists, sum_number
-from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainingFailed, TrainkitError, did_you_mean
-from trainkit.insight import LayerStats, Profiler
-from trainkit.logs import RunLogger
-from trainkit.loop_parts import (
-    LossMeter,
-    Schedule,
-    chunked,
-    clip_gradients,
-    eval_mode,
-    load_weights,
-    move_to,
-    peak_memory_mb,
-    rank_seed,
-    seed_everything,
-    set_epoch,
+from trainkit.core import checkpoint
+from trainkit.core.checkpoint import load_weights
+from trainkit.core.devices import eval_mode, move_to, peak_memory_mb, resolve_device
+from trainkit.core.errors import ConfigError, Preempted, TrainingFailed, did_you_mean
+from trainkit.core.logs import RunLogger
+from trainkit.core.precision import Precision
+from trainkit.core.ranks import Dist, gather_lists, sum_number
+from trainkit.core.schema import TrainerConfig
+from trainkit.core.stop import STOP, stop_signals
+from trainkit.data.sampler import set_epoch
+from trainkit.engine.checkpoints import (
+    callback_names,
+    check_optimizer_fits,
+    read_verified,
+    top_k_name,
+    trainer_state_from,
 )
-from trainkit.precision import Precision, resolve_device
-from trainkit.schema import TrainerConfig
-from trainkit.stop import STOP, stop_signals
+from trainkit.engine.meter import LossMeter
+from trainkit.engine.state import TrainerState
+from trainkit.schedulers import Schedule
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
+from trainkit.techniques.insight import LayerStats, Profiler
 
 log = logging.getLogger("trainkit")
 # name -> (autocast dtype, gradient scaling, parameter dtype)
@@ -62,56 +49,6 @@ PRECISIONS = {"fp32": (None, False, None), "bf16": ("bfloat16", False, None), "f
               "fp64": (None, False, "float64")}
 
 
-class Preempted(TrainkitError):
-    """Stopped on request (SIGTERM/SIGUSR1) after writing a resumable checkpoint."""
-
-    exit_code = EXIT_PREEMPTED
-
-
-@dataclass
-class TrainerState:
-    """Where the run is: enough, with the batch plan, to continue at the same sample."""
-
-    epoch: int = 0
-    global_step: int = 0  # optimizer steps taken
-    batch_in_epoch: int = 0  # micro-batches of this rank already consumed in ``epoch``
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    top_k: list = field(default_factory=list)  # [[metric, file name], ...] best first
-    stop_reason: str | None = None
-    world_size: int = 1  # processes that wrote this state (batch_in_epoch counts per rank)
-    skipped_steps: int = 0  # updates dropped under nan_policy=skip
-    consecutive_skips: int = 0
-    lineage: str = ""  # one id for a run and every resumed continuation of it: best.pt must carry ours
-
-
-@dataclass
-class TrainResult:
-    monitor: str
-    best_metric: float | None
-    metrics: dict[str, float]
-    test: dict[str, float]
-    history: list[dict[str, float]]
-    best_checkpoint: Path | None
-    last_checkpoint: Path | None
-    run_dir: Path | None
-    global_step: int
-    epoch: int
-    wall_time_s: float
-    throughput: dict[str, float]
-    stop_reason: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """The content of result.json."""
-        return {
-            "monitor": self.monitor, "best_metric": self.best_metric, "final": self.metrics,
-            "test": self.test, "global_step": self.global_step, "epoch": self.epoch,
-            "wall_time_s": round(self.wall_time_s, 3), "throughput": self.throughput,
-            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
-            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "stop_reason": self.stop_reason,
-        }
 
 
 class Trainer:
@@ -576,202 +513,28 @@ class Trainer:
                 method(self, *args)
 
 
-def read_verified(path: Path) -> dict[str, Any] | None:
-    """A checkpoint that passes its checks, or None (warned) when it does not."""
-    try:
-        return checkpoint.load(path)
-    except ConfigError as error:
-        log.warning("%s; not used as this run's best checkpoint", error)
-        return None
-
-
-def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Any, path: Any) -> None:
-    """A checkpoint's optimizer state must be of the configured optimizer: the same settings
-    in every parameter group (torch would load Adam's groups into SGD and fail at the step)."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    not_settings = {"params", "initial_lr"}  # initial_lr belongs to the scheduler
-    ours = [set(group) - not_settings for group in optimizer.state_dict()["param_groups"]]
-    theirs = [set(group) - not_settings for group in groups if isinstance(group, dict)] if isinstance(groups, list) else []
-    if theirs != ours:
-        differ = sorted(set().union(*theirs, *ours) - (set.intersection(*theirs, *ours) if theirs and ours else set()))
-        raise ConfigError(f"{path}: its optimizer state is not of the configured {type(optimizer).__name__} "
-                          f"({len(theirs)} vs {len(ours)} parameter groups; settings that differ: "
-                          f"{', '.join(differ) or 'none'}); resume with the optimizer it was trained with, or "
-                          "start from its weights only with init_from=...")
-
-
-def top_k_name(step: int) -> str:
-    return f"top-step{step:08d}.pt"
-
-
-def callback_names(callbacks: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
-    """Callbacks by name: a mapping as given; a sequence by class name, numbered when repeated."""
-    if isinstance(callbacks, Mapping):
-        return dict(callbacks)
-    classes = [type(callback).__name__ for callback in callbacks]
-    return {(name if classes.count(name) == 1 else f"{name}.{classes[:index].count(name)}"): callback
-            for index, (name, callback) in enumerate(zip(classes, callbacks))}
-
-
-def trainer_state_from(saved: Any, path: Any) -> TrainerState:
-    """A checkpoint's trainer_state, checked: unknown keys are ignored, wrong types refused."""
-    known = TrainerState.__dataclass_fields__
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in ("epoch", "global_step")):
-        raise ConfigError(f"checkpoint {path}: its trainer_state is not a trainkit trainer state")
-    return TrainerState(**{key: value for key, value in saved.items() if key in known})
 
 
 # train_model ------------------------------------------------------------------------------------
-def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
-    """Build everything from a composed config and train it; see the module docstring."""
 
-    from trainkit import distributed
-
-    started = time.perf_counter()
-    if cfg.distributed.nproc_per_node > 1 and not distributed.under_torchrun():
-        return self_launch(cfg, Path(run_dir) if run_dir is not None else current_run_dir(cfg))
-    dist = distributed.setup(cfg.device.type, cfg.distributed.backend)
-    try:
-        with stop_signals():  # a SIGTERM from here on stops the run at the next safe point (exit 75)
-            return train_in(cfg, dist, Path(run_dir) if run_dir is not None else current_run_dir(cfg), started)
-    finally:
-        STOP.clear()
-        dist.teardown()
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The total gradient norm (before clipping); clipped to ``max_norm`` unless it is None."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
-def train_in(cfg: Any, dist: Dist, run_dir: Path, started: float) -> TrainResult:
-    """The run itself, once the process group is up: build, resume, fit, test, report."""
-    from omegaconf import OmegaConf
-
-    from trainkit.build import build
-
-    if dist.is_main:
-        check_writable(run_dir)
-    seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
-    parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
-    if dist.rank:
-        seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
-    resume = find_resume(cfg.resume, run_dir)
-    precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
-                          cfg.precision.get("param_dtype"))
-    logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                       progress_bar=cfg.logging.progress_bar)
-    callbacks = dict(zip((cfg.get("callbacks") or {}).keys(), parts.callbacks))  # state kept by config name
-    trainer = Trainer(
-        parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
-        dist=dist, run_dir=run_dir, callbacks=callbacks, logger=logger,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
-        histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
-        **OmegaConf.to_container(cfg.trainer),
-    )
-    logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
-                f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
-    if resume is not None:
-        trainer.load_checkpoint(resume[1], path=resume[0])
-    try:
-        trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
-        test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
-        trainer.stop_if_requested("before the test pass; last.pt holds the finished training (resume=auto tests it)")
-        test = trainer.test(test_loader) if test_loader is not None else {}
-    finally:
-        logger.close()
-    result = make_result(trainer, test, run_dir, time.perf_counter() - started)
-    if dist.is_main:
-        logger.log_metrics(test, trainer.state.global_step, trainer.state.epoch)
-        logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
-        logger.close()
-        (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-        logger.info("done: %s = %s; test %s; result in %s", result.monitor, result.best_metric,
-                    json.dumps(test), run_dir / "result.json")
-    return result
-
-
-def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
-    """``distributed.nproc_per_node=N``: train in N workers, return rank 0's result."""
-    from omegaconf import OmegaConf
-
-    from trainkit import distributed
-
-    check_writable(run_dir)
-    outcome = distributed.launch(OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), cfg.distributed.nproc_per_node)
-    if "error" in outcome:
-        error_type = {2: ConfigError, EXIT_PREEMPTED: Preempted}.get(outcome["exit_code"], TrainkitError)
-        raise error_type(outcome["message"])
-    return TrainResult(**outcome)
-
-
-def data_state(data: Any, run_dir: Path) -> dict[str, Any]:
-    """What checkpoints keep about the data: its own state (tokenizers) under ``data``; the
-    plain values it told the model (``runtime``: sizes, pad id), so the model can be rebuilt
-    without reading data; and ``origin``, the folder the run started in (a stored relative
-    data path means a file there) and its run directory."""
-    state = data.state_dict() if hasattr(data, "state_dict") else {}
-    runtime = {key: value for key, value in data.runtime_kwargs().items()
-               if isinstance(value, (bool, int, float, str)) or value is None}
-    origin = {"cwd": str(Path.cwd().resolve()), "run_dir": str(Path(run_dir).resolve())}
-    return {**({"data": state} if state else {}), "runtime": runtime, "origin": origin}
-
-
-def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
-    checkpoints = trainer.checkpoint_dir
-    final = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k not in ("step", "epoch")}
-    unit = trainer.task.count_unit
-    return TrainResult(
-        monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=final, test=test,
-        history=trainer.history, best_checkpoint=trainer.best_checkpoint() if trainer.dist.is_main else None,
-        last_checkpoint=checkpoints / "last.pt" if checkpoints else None, run_dir=run_dir,
-        global_step=trainer.state.global_step, epoch=trainer.state.epoch, wall_time_s=wall_time_s,
-        throughput={f"{unit}_per_second": trainer.train_units / max(trainer.train_seconds, 1e-9)},
-        stop_reason=trainer.state.stop_reason,
-    )
-
-
-def check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); "
-                          "set hydra.run.dir=... to a writable place") from None
-
-
-def current_run_dir(cfg: Any) -> Path:
-    """Hydra's output directory inside a Hydra app; outputs/<name>/<time> otherwise."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs") / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def find_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(path, loaded state) of the checkpoint ``resume`` points at: None, ``auto`` (the
-    newest good checkpoint of this experiment: last.pt, best.pt, top-step*.pt) or a path."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = checkpoint.find_latest(run_dir.parent, exclude=run_dir)
-        if found is None:
-            raise ConfigError(f"resume=auto: no earlier checkpoint of this experiment under {run_dir.parent}/*/checkpoints/*.pt")
-        return found
-    state = checkpoint.load(resume)
-    checkpoint.check_complete(state, resume)
-    return Path(resume), state
-
-
-def flat_hparams(cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+def chunked(loader: Iterable, size: int) -> Iterator[list[Any]]:
+    """Group micro-batches into optimizer steps; the last group of an epoch may be shorter."""
+    group: list[Any] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

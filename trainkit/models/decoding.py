@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainkit.loop_parts import eval_mode
+from trainkit.core.devices import eval_mode
 from trainkit.models.transformer import Transformer
 
 __all__ = ["beam_search", "greedy_decode"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -32,7 +32,7 @@ def check_activation(activation: str) -> None:
 class MLP(nn.Module):
     """Linear -> activation -> dropout blocks, then a linear head.
 
-    ``in_features`` and ``out_features`` normally come from the data (``trainkit.build``
+    ``in_features`` and ``out_features`` normally come from the data (``trainkit.run.build``
     passes them); ``gradient_checkpointing`` recomputes each block in backward to save
     activation memory.
     """

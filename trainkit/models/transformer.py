@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 from trainkit.models.mlp import check_sizes
 
 __all__ = ["DecoderCache", "LayerCache", "Transformer"]

@@ -38,7 +38,7 @@ class VAE(nn.Module):
     """Encoder ``in_features -> hidden_sizes -> 2 * latent_dim``, decoder the mirror image.
 
     ``forward(x)`` returns ``VAEOutput(logits, mu, logvar)``; ``in_features`` normally comes
-    from the data (``trainkit.build`` passes it).
+    from the data (``trainkit.run.build`` passes it).
     """
 
     def __init__(self, in_features: int, latent_dim: int = 16, hidden_sizes: Sequence[int] = (256, 128),

@@ -3,7 +3,7 @@
 A loss that does not fit the task's outputs, or a model that does not fit the data, shows up
 here as one ``ConfigError`` naming the groups involved, the shapes seen and what to do, instead
 of a traceback at the first step or a loss that silently broadcasts into nonsense.
-``check_fit`` runs at the end of ``trainkit.build.build``: in every run, on every rank, and in
+``check_fit`` runs at the end of ``trainkit.run.build.build``: in every run, on every rank, and in
 ``trainkit validate``. It costs one forward on ``SAMPLES`` samples (milliseconds on the presets).
 
 Never: change anything the run depends on. Every RNG (python, numpy, torch CPU and CUDA) is put
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from trainkit.core.devices import eval_mode, move_to
+from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import BatchPlan
-from trainkit.errors import ConfigError
-from trainkit.loop_parts import eval_mode, move_to
 
 SAMPLES = 4  # samples in the dry forward's batch
 # torch's own warning when mse_loss, l1_loss, ... are about to broadcast mismatched shapes.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 
 def first_tensor(batch: Any) -> Tensor:

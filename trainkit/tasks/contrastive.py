@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainkit.distributed import gather_lists
-from trainkit.errors import ConfigError
-from trainkit.precision import widened
+from trainkit.core.errors import ConfigError
+from trainkit.core.precision import widened
+from trainkit.core.ranks import gather_lists
 from trainkit.tasks.base import Task
 
 

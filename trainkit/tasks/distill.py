@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from trainkit.core.errors import ConfigError
 from trainkit.distill import DistillationLoss
-from trainkit.errors import ConfigError
 from trainkit.tasks.seq2seq import METRICS, Seq2SeqTask
 from trainkit.tasks.supervised import ClassificationTask
 

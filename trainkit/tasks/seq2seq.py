@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainkit.core.errors import ConfigError
+from trainkit.core.precision import widened
+from trainkit.core.ranks import gather_lists
 from trainkit.data.tokenizers import Tokenizer
-from trainkit.distributed import gather_lists
-from trainkit.errors import ConfigError
-from trainkit.precision import widened
 from trainkit.tasks.base import Task
 from trainkit.tasks.supervised import use_sum_reduction
 
@@ -66,7 +66,7 @@ class Seq2SeqTask(Task):
         return loss
 
     def translate(self, model: nn.Module, src: Tensor) -> list[str]:
-        from trainkit.decoding import beam_search, greedy_decode
+        from trainkit.models.decoding import beam_search, greedy_decode
 
         tok = self.tokenizer
         max_len = min(self.max_decode_len, 2 * src.shape[1] + 10)

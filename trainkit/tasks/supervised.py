@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
+from trainkit.core.precision import widened
 from trainkit.losses import loss_and_terms
-from trainkit.precision import widened
 from trainkit.tasks.base import MetricsMixin, Task
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainkit.callbacks import Callback
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 from trainkit.losses import VAELoss
 from trainkit.tasks.base import Task
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainkit.callbacks import Callback
-from trainkit.errors import ConfigError, did_you_mean
+from trainkit.core.errors import ConfigError, did_you_mean
 
 SHAPES = ("linear", "cosine", "step")
 UNITS = ("steps", "epochs")

@@ -17,7 +17,7 @@ a callback may schedule them (``trainer.task.loss_fn.alpha``).
 
 Never: train the teacher, let it leave eval mode, or put it in the student's module tree
 (so ``model.train()``, the optimizer and checkpoints never see it); read a teacher other
-than through ``trainkit.inference.read_checkpoint`` (weights only, its stored config
+than through ``trainkit.core.checkpoint.read_checkpoint`` (weights only, its stored config
 checked against the user's trust list before anything in it is built).
 """
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainkit.errors import ConfigError
+from trainkit.core.errors import ConfigError
 
 log = logging.getLogger("trainkit")
 TEACHER_HINT = ("train a teacher first and pass its checkpoint, e.g. `trainkit train +experiment=nmt_base "
@@ -58,14 +58,15 @@ class FrozenTeacher(nn.Module):
 def load_teacher(path: str | Path, runtime: dict[str, Any]) -> tuple[FrozenTeacher, Any]:
     """The frozen teacher stored in a trainkit checkpoint and its tokenizer (None if it has none).
 
-    The teacher's stored config must be trusted (``trainkit.build.check_trusted``) under the
+    The teacher's stored config must be trusted (``trainkit.core.builder.check_trusted``) under the
     trust list of the build that loads it: the run's own ``trust`` key in ``trainkit train``,
     the command line's in ``eval``. Its model is sized by the values stored in its checkpoint;
     ``runtime`` holds the student data's values (in/out features), used for a checkpoint
     written before trainkit stored them (a tokenizer carries the vocabulary sizes).
     """
-    from trainkit.build import TRUST
-    from trainkit.inference import read_checkpoint, rebuild_model, stored_runtime
+    from trainkit.core.builder import TRUST
+    from trainkit.core.checkpoint import read_checkpoint, stored_runtime
+    from trainkit.techniques.rebuild import rebuild_model
 
     if not Path(path).is_file():
         raise ConfigError(f"loss.teacher_ckpt={path}: no such file; {TEACHER_HINT}")
@@ -94,7 +95,7 @@ class DistillationLoss:
 
     Called as ``loss(logits, targets)`` it is the task loss alone (what validation reports);
     the distillation tasks call :meth:`distill` with the teacher's logits during training.
-    ``in_features``/``out_features``/``ignore_index`` come from the data (``trainkit.build``).
+    ``in_features``/``out_features``/``ignore_index`` come from the data (``trainkit.run.build``).
     """
 
     def __init__(self, teacher_ckpt: str | None = None, temperature: float = 2.0, alpha: float = 0.5,

@@ -1,6 +1,6 @@
 """LoRA fine-tuning (Hu et al. 2021) and ``init_from``: start from a trainkit checkpoint.
 
-``apply_finetune(cfg, model, data)`` is the one call ``trainkit.build`` makes after the
+``apply_finetune(cfg, model, data)`` is the one call ``trainkit.run.build`` makes after the
 model is built: it loads the weights of ``init_from=PATH`` (weights only: the optimizer,
 schedule and step count start fresh, unlike ``resume``), and with ``+finetune=lora`` freezes
 every parameter and wraps the matching ``nn.Linear`` layers in :class:`LoRALinear`, whose
@@ -13,7 +13,7 @@ or merged), plus a SHA-256 fingerprint of the frozen base that refuses adapters 
 file has changed since. :func:`merge_lora` folds the adapters into plain ``nn.Linear``
 weights (``trainkit export format=merged`` writes that as a plain checkpoint).
 
-Never: read a checkpoint other than through ``trainkit.inference.read_checkpoint`` (weights
+Never: read a checkpoint other than through ``trainkit.core.checkpoint.read_checkpoint`` (weights
 only, its stored config checked against the user's trust list), or adapt a layer whose
 weight is tied to another (merging would change the embedding too).
 """
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainkit.errors import ConfigError, did_you_mean
+from trainkit.core.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("trainkit")
 FINGERPRINT = "lora_base_fingerprint"  # a buffer on the adapted model: SHA-256 of the frozen base
@@ -208,9 +208,8 @@ def finetune_options(node: Any) -> dict[str, Any]:
 
 def load_initial_weights(model: nn.Module, path: str, data: Any = None, trust: Sequence[str] = ()) -> None:
     """Load the model weights of a trainkit checkpoint (``init_from``), weights only; its
-    stored config must be trusted under ``trust`` (``trainkit.build.check_trusted``)."""
-    from trainkit.inference import read_checkpoint
-    from trainkit.train import load_weights
+    stored config must be trusted under ``trust`` (``trainkit.core.builder.check_trusted``)."""
+    from trainkit.core.checkpoint import load_weights, read_checkpoint
 
     try:
         state, saved = read_checkpoint(path, trust)
@@ -233,7 +232,7 @@ def apply_finetune(cfg: Any, model: nn.Module, data: Any = None) -> nn.Module:
     """``init_from`` weights, then ``finetune`` adapters; the model unchanged when neither is set.
     The ``init_from`` checkpoint is checked against ``cfg.trust`` (the user's list: a run's own,
     or the command line's for a config read from a checkpoint)."""
-    from trainkit.build import parse_trust
+    from trainkit.core.builder import parse_trust
 
     init_from, finetune = cfg.get("init_from"), cfg.get("finetune")
     options = finetune_options(finetune) if finetune is not None else None

@@ -1,0 +1,70 @@
+"""One exit code and one message for whatever stopped a command: a config error, a bad
+file, a missing plugin, a stop request, or a bug (with its traceback)."""
+
+from __future__ import annotations
+
+from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, TrainkitError, did_you_mean
+
+
+def explain(error: BaseException) -> tuple[int, str]:
+    """(exit code, one message) for an exception from composing, building or training."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, TrainkitError):
+        return error.exit_code, str(error)
+    from trainkit.commands.sweep import missing_plugin
+
+    plugin_hint = missing_plugin(error)
+    if plugin_hint is not None:
+        return EXIT_USAGE, plugin_hint
+    chain = causes(error)
+    key_error = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
+    if key_error is not None:
+        return EXIT_USAGE, explain_key_error(error, key_error)
+    yaml_error = next((e for e in chain if type(e).__module__.startswith("yaml")), None)
+    if yaml_error is not None:
+        return EXIT_USAGE, "invalid YAML: " + " ".join(str(yaml_error).split())
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
+    if os_error is not None:
+        return EXIT_USAGE, f"cannot use {os_error.filename}: {os_error.strerror or os_error}"
+    if any(isinstance(e, (HydraException, OmegaConfBaseException)) for e in chain):
+        text = str(error).split("Config search path")[0]
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        return EXIT_USAGE, " ".join(lines[:12])
+    return EXIT_FAILED, f"{type(error).__name__}: {error}"
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def explain_key_error(error: BaseException, key_error: BaseException) -> str:
+    """Name the full key, the file it came from, and the closest valid key: from the schema,
+    or from the signature of the group's ``_target_``."""
+    import re
+
+    from trainkit.core.builder import accepted, resolve_target
+    from trainkit.core.schema import schema_keys
+
+    full_key = key_error.full_key
+    parent, _, key = full_key.rpartition(".")
+    source = re.search(r"In '([^']+)'", str(error))
+    where = f" (in {source.group(1)}.yaml)" if source and source.group(1) != "config" else ""
+    valid = schema_keys(parent)
+    node = getattr(key_error, "parent_node", None)
+    if valid is None and node is not None and "_target_" in node:
+        try:
+            valid = list(accepted(resolve_target(node, parent))[0])
+        except Exception:
+            valid = None
+    if valid is not None and key not in valid:
+        hint = did_you_mean(key, valid, f"{parent}." if parent else "")
+        return f"unknown key {full_key!r}{hint}{where}"
+    reason = str(key_error).split("\n")[0]
+    return f"{full_key}: {reason}{where}"
