@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import assert_same_weights, load_weights
 
-from trainkit import checkpoint, train_model
+from trainkit import train_model
 from trainkit.callbacks import Callback
+from trainkit.core import checkpoint
 from trainkit.core.errors import ConfigError
 
 TESTS = Path(__file__).parent

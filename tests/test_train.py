@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import assert_same_weights, load_weights
 
-from trainkit import checkpoint, train_model
+from trainkit import train_model
+from trainkit.core import checkpoint
 from trainkit.core.errors import Preempted
 
 DIGITS = ["+experiment=digits_mlp", "logging.progress_bar=false"]

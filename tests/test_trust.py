@@ -19,9 +19,10 @@ import torch
 import yaml
 from conftest import train_runs
 
-from trainkit import checkpoint, train_model
+from trainkit import train_model
 from trainkit.commands.export import export_checkpoint
 from trainkit.commands.inference import evaluate_checkpoint, load_translator
+from trainkit.core import checkpoint
 from trainkit.core.errors import ConfigError
 from trainkit.run.build import build
 

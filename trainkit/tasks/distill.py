@@ -1,6 +1,6 @@
 """Distillation tasks: classification and translation whose training loss asks a frozen teacher.
 
-Each task runs the student, then the teacher (``loss=distillation``, see ``trainkit.distill``)
+Each task runs the student, then the teacher (``loss=distillation``, see ``trainkit.techniques.distill``)
 on the same inputs under the same autocast, and returns the summed loss with the ``kd`` and
 ``task`` terms to log. Only training consults the teacher: validation (the model in eval
 mode) reports the task loss and the usual metrics of the student alone.
@@ -16,13 +16,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from trainkit.core.errors import ConfigError
-from trainkit.distill import DistillationLoss
 from trainkit.tasks.seq2seq import METRICS, Seq2SeqTask
 from trainkit.tasks.supervised import ClassificationTask
 
 
-def attach(loss_fn: Any, task: str) -> DistillationLoss:
-    if not isinstance(loss_fn, DistillationLoss):
+def attach(loss_fn: Any, task: str) -> Any:
+    """The distillation loss (anything with a ``distill`` method, such as
+    ``techniques.distill.DistillationLoss``: a task does not import the technique)."""
+    if not callable(getattr(loss_fn, "distill", None)):
         raise ConfigError(f"task={task} needs loss=distillation (got loss {type(loss_fn).__name__}); "
                           "set loss=distillation loss.teacher_ckpt=PATH")
     loss_fn.task_attached = True
