@@ -216,7 +216,7 @@ def test_a_missing_plugin_names_what_to_install(tmp_path):
     out = trainkit("train", "-m", *QUICK, "hydra/sweeper=nevergrad", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pip install hydra-nevergrad-sweeper" in out.stderr
-    from trainkit.commands.sweep import missing_plugin
+    from trainkit.commands.failures import missing_plugin
 
     message = missing_plugin(Exception("In 'hydra/config': Could not find 'hydra/launcher/joblib'"))
     assert message.startswith("hydra/launcher=joblib needs the Hydra plugin hydra-joblib-launcher")

@@ -3,6 +3,8 @@ file, a missing plugin, a stop request, or a bug (with its traceback)."""
 
 from __future__ import annotations
 
+import re
+
 from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, TrainkitError, did_you_mean
 
 
@@ -13,7 +15,6 @@ def explain(error: BaseException) -> tuple[int, str]:
 
     if isinstance(error, TrainkitError):
         return error.exit_code, str(error)
-    from trainkit.commands.sweep import missing_plugin
 
     plugin_hint = missing_plugin(error)
     if plugin_hint is not None:
@@ -68,3 +69,29 @@ def explain_key_error(error: BaseException, key_error: BaseException) -> str:
         return f"unknown key {full_key!r}{hint}{where}"
     reason = str(key_error).split("\n")[0]
     return f"{full_key}: {reason}{where}"
+
+
+PLUGINS = {
+    "hydra/launcher/joblib": "hydra-joblib-launcher",
+    "hydra/launcher/submitit_local": "hydra-submitit-launcher",
+    "hydra/launcher/submitit_slurm": "hydra-submitit-launcher",
+    "hydra/launcher/ray": "hydra-ray-launcher",
+    "hydra/launcher/rq": "hydra-rq-launcher",
+    "hydra/sweeper/optuna": "hydra-optuna-sweeper",
+    "hydra/sweeper/ax": "hydra-ax-sweeper",
+    "hydra/sweeper/nevergrad": "hydra-nevergrad-sweeper",
+}
+
+
+IN_SWEEP_EXTRA = ("hydra-joblib-launcher", "hydra-submitit-launcher", "hydra-optuna-sweeper")
+
+
+def missing_plugin(error: BaseException) -> str | None:
+    """A message naming the package to install when a Hydra launcher/sweeper is not found."""
+    match = re.search(r"Could not find '(hydra/(?:launcher|sweeper)/\w+)'", str(error))
+    package = PLUGINS.get(match.group(1)) if match else None
+    if package is None:
+        return None
+    install = "pip install 'trainkit[sweep]'" if package in IN_SWEEP_EXTRA else f"pip install {package}"
+    option = match.group(1).replace("hydra/launcher/", "hydra/launcher=").replace("hydra/sweeper/", "hydra/sweeper=")
+    return f"{option} needs the Hydra plugin {package}, which is not installed: {install}"

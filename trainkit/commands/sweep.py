@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,17 +42,6 @@ log = logging.getLogger("trainkit")
 JOB_FILE = "job.json"
 SUMMARY_FILES = ("summary.csv", "summary.md")
 # Hydra plugins a user may name on the command line -> the package that provides them.
-PLUGINS = {
-    "hydra/launcher/joblib": "hydra-joblib-launcher",
-    "hydra/launcher/submitit_local": "hydra-submitit-launcher",
-    "hydra/launcher/submitit_slurm": "hydra-submitit-launcher",
-    "hydra/launcher/ray": "hydra-ray-launcher",
-    "hydra/launcher/rq": "hydra-rq-launcher",
-    "hydra/sweeper/optuna": "hydra-optuna-sweeper",
-    "hydra/sweeper/ax": "hydra-ax-sweeper",
-    "hydra/sweeper/nevergrad": "hydra-nevergrad-sweeper",
-}
-IN_SWEEP_EXTRA = ("hydra-joblib-launcher", "hydra-submitit-launcher", "hydra-optuna-sweeper")
 
 _stopped = False  # a job of this process was preempted: the rest of the sweep does not start
 
@@ -142,16 +130,6 @@ def limit_threads(launcher: Any) -> int:
     torch.set_num_threads(max(1, min(share, torch.get_num_threads())))
     return torch.get_num_threads()
 
-
-def missing_plugin(error: BaseException) -> str | None:
-    """A message naming the package to install when a Hydra launcher/sweeper is not found."""
-    match = re.search(r"Could not find '(hydra/(?:launcher|sweeper)/\w+)'", str(error))
-    package = PLUGINS.get(match.group(1)) if match else None
-    if package is None:
-        return None
-    install = "pip install 'trainkit[sweep]'" if package in IN_SWEEP_EXTRA else f"pip install {package}"
-    option = match.group(1).replace("hydra/launcher/", "hydra/launcher=").replace("hydra/sweeper/", "hydra/sweeper=")
-    return f"{option} needs the Hydra plugin {package}, which is not installed: {install}"
 
 
 # The summary -------------------------------------------------------------------------------------
