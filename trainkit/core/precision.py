@@ -1,4 +1,4 @@
-"""Numeric precision and device choice: plain config data read by one function each.
+"""Numeric precision: plain config data read by one class.
 
 fp32 gives a ``nullcontext`` autocast and a disabled scaler, so the loop text is the same
 for every precision. fp64 (``param_dtype: float64``, for numerical checks) casts the model's
@@ -20,6 +20,10 @@ from trainkit.core.errors import ConfigError
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# A precision by name (the Python API's ``Trainer(precision="bf16")``): (autocast dtype,
+# gradient scaling, parameter dtype), as conf/precision/*.yaml set them.
+NAMED = {"fp32": (None, False, None), "bf16": ("bfloat16", False, None), "fp16": ("float16", True, None),
+         "fp64": (None, False, "float64")}
 
 
 
@@ -32,6 +36,13 @@ def widened(values: torch.Tensor) -> torch.Tensor:
 class Precision:
     """An autocast context for forward passes, a gradient scaler (disabled unless fp16), and
     the parameter dtype models and batches are cast to (``None``: left as they are)."""
+
+    @classmethod
+    def named(cls, name: str, device: torch.device) -> Precision:
+        if name not in NAMED:
+            raise ConfigError(f"precision={name!r}: choose one of {', '.join(NAMED)}")
+        autocast_dtype, grad_scaling, param_dtype = NAMED[name]
+        return cls(device, autocast_dtype, grad_scaling, name, param_dtype)
 
     def __init__(self, device: torch.device, autocast_dtype: str | None = None,
                  grad_scaling: bool = False, name: str | None = None, param_dtype: str | None = None):

@@ -1,8 +1,5 @@
-"""The small pieces the training loop uses: loss meters, the scheduler stepper, gradient
-clipping, micro-batch grouping, resumable epochs and seeding.
-
-Nothing here reads the config; ``trainkit.train`` wires these into the one loop.
-"""
+"""The training losses, metered on the device: summed per step without a sync, read once per
+logging window and once per epoch (one all-reduce each under DDP)."""
 
 from __future__ import annotations
 
@@ -10,10 +7,10 @@ import logging
 
 import torch
 
+from trainkit.core.devices import peak_memory_mb
 from trainkit.core.ranks import Dist
 
 log = logging.getLogger("trainkit")
-
 
 
 class LossMeter:
@@ -75,6 +72,15 @@ class LossMeter:
         values.update({f"train/loss/{n}": v / per_unit for n, v in zip(names, totals[2:])})
         self.reset()
         return values, totals[1]
+
+    def train_metrics(self, dist: Dist, learning_rate: float, grad_norm: torch.Tensor, unit: str) -> dict[str, float]:
+        """What a logging step reports: the window's losses, learning rate, gradient norm,
+        throughput, step time and peak memory; starts a new window."""
+        steps, seconds = self.steps, self.seconds
+        values, units = self.read(dist)  # waits for the device: only every N steps
+        return {**values, "train/learning_rate": learning_rate, "train/grad_norm": float(grad_norm),
+                f"train/{unit}_per_second": units / max(seconds, 1e-9), "train/step_time_ms": 1000 * seconds / max(1, steps),
+                "train/peak_memory_mb": peak_memory_mb(self.device)}
 
     def read_epoch(self, dist: Dist) -> float:
         """The mean loss per unit over the epoch and all ranks; starts a new epoch (the

@@ -62,30 +62,42 @@ class TrainResult:
 def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
     """Build everything from a composed config and train it; see the module docstring."""
     started = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
     if cfg.distributed.nproc_per_node > 1 and not ranks.under_torchrun():
-        return self_launch(cfg, Path(run_dir) if run_dir is not None else current_run_dir(cfg))
+        return self_launch(cfg, run_dir)  # N worker processes, each running train_model
     dist = ranks.setup(cfg.device.type, cfg.distributed.backend)
     try:
         with stop_signals():  # a SIGTERM from here on stops the run at the next safe point (exit 75)
-            return train_in(cfg, dist, Path(run_dir) if run_dir is not None else current_run_dir(cfg), started)
+            if dist.is_main:
+                check_writable(run_dir)
+            trainer, data = build_trainer(cfg, dist, run_dir)
+            resume = find_resume(cfg.resume, run_dir)
+            if resume is not None:
+                trainer.load_checkpoint(resume[1], path=resume[0])
+            try:
+                trainer.fit(data.loader("train"), data.loader("val"))
+                test_loader = data.loader("test") if cfg.trainer.test_after_fit else None
+                trainer.stops.raise_if_agreed("before the test pass; last.pt holds the finished training "
+                                              "(resume=auto tests it)")
+                test = trainer.test(test_loader) if test_loader is not None else {}
+            finally:
+                trainer.logger.close()
+            return report(cfg, trainer, test, run_dir, time.perf_counter() - started)
     finally:
         STOP.clear()
         dist.teardown()
 
 
-def train_in(cfg: Any, dist: Dist, run_dir: Path, started: float) -> TrainResult:
-    """The run itself, once the process group is up: build, resume, fit, test, report."""
+def build_trainer(cfg: Any, dist: Dist, run_dir: Path) -> tuple[Trainer, Any]:
+    """The run's parts (``run.build``) in a Trainer; returns it with the data."""
     from omegaconf import OmegaConf
 
     from trainkit.run.build import build
 
-    if dist.is_main:
-        check_writable(run_dir)
     seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
     parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
     if dist.rank:
         seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
-    resume = find_resume(cfg.resume, run_dir)
     precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
                           cfg.precision.get("param_dtype"))
     logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -95,22 +107,18 @@ def train_in(cfg: Any, dist: Dist, run_dir: Path, started: float) -> TrainResult
         parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
         dist=dist, run_dir=run_dir, callbacks=callbacks, logger=logger,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
-        histograms_every_n_steps=cfg.logging.histograms_every_n_steps,
-        **OmegaConf.to_container(cfg.trainer),
+        histograms_every_n_steps=cfg.logging.histograms_every_n_steps, **OmegaConf.to_container(cfg.trainer),
     )
     logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
                 f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
-    if resume is not None:
-        trainer.load_checkpoint(resume[1], path=resume[0])
-    try:
-        trainer.fit(parts.data.loader("train"), parts.data.loader("val"))
-        test_loader = parts.data.loader("test") if cfg.trainer.test_after_fit else None
-        trainer.stop_if_requested("before the test pass; last.pt holds the finished training (resume=auto tests it)")
-        test = trainer.test(test_loader) if test_loader is not None else {}
-    finally:
-        logger.close()
-    result = make_result(trainer, test, run_dir, time.perf_counter() - started)
-    if dist.is_main:
+    return trainer, parts.data
+
+
+def report(cfg: Any, trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
+    """The run's result; rank 0 logs the test metrics and hyperparameters and writes result.json."""
+    result = make_result(trainer, test, run_dir, wall_time_s)
+    if trainer.dist.is_main:
+        logger = trainer.logger
         logger.log_metrics(test, trainer.state.global_step, trainer.state.epoch)
         logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
         logger.close()
@@ -147,11 +155,11 @@ def data_state(data: Any, run_dir: Path) -> dict[str, Any]:
 
 def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
     checkpoints = trainer.checkpoint_dir
-    final = {k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k not in ("step", "epoch")}
     unit = trainer.task.count_unit
     return TrainResult(
-        monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=final, test=test,
-        history=trainer.history, best_checkpoint=trainer.best_checkpoint() if trainer.dist.is_main else None,
+        monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=trainer.monitor.final_metrics(), test=test,
+        history=trainer.monitor.history,
+        best_checkpoint=trainer.checkpoints.best_checkpoint(trainer.state) if trainer.dist.is_main else None,
         last_checkpoint=checkpoints / "last.pt" if checkpoints else None, run_dir=run_dir,
         global_step=trainer.state.global_step, epoch=trainer.state.epoch, wall_time_s=wall_time_s,
         throughput={f"{unit}_per_second": trainer.train_units / max(trainer.train_seconds, 1e-9)},
