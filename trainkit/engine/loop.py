@@ -191,7 +191,7 @@ class Trainer:
     def validate(self, val_loader: Iterable) -> bool:
         """Validate (the monitor), offer the value to the top-k ranking (the checkpoint
         manager), tell the callbacks; returns whether the monitored metric improved."""
-        result = self.monitor.validate(self.model, val_loader, self.state)
+        result = self.monitor.record(self.evaluate(val_loader, "val"), self.state)
         self.checkpoints.consider(result.value, self.state)
         self.call("on_evaluate_end", result.metrics)
         return result.improved

@@ -62,11 +62,11 @@ class ValidationMonitor:
         metrics = {"loss": loss, **self.task.eval_metrics(loss)}
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
-    def validate(self, model: nn.Module, loader: Iterable, state: TrainerState) -> Validation:
-        """Evaluate, log, step a plateau scheduler, update the best metric and early stopping
-        (``state.stop_reason = "early_stopping"`` when patience runs out)."""
-        metrics = self.evaluate(model, loader, "val")
-        metrics["val/epoch_loss"] = metrics["val/loss"]
+    def record(self, metrics: dict[str, float], state: TrainerState) -> Validation:
+        """A validation's metrics (from ``evaluate``): log them, step a plateau scheduler,
+        update the best metric and early stopping (``state.stop_reason = "early_stopping"``
+        when patience runs out)."""
+        metrics = {**metrics, "val/epoch_loss": metrics["val/loss"]}
         self.last_step = state.global_step
         self.history.append({"step": state.global_step, "epoch": state.epoch, **metrics})
         self.report(metrics, state)
