@@ -63,11 +63,9 @@ class Trainer:
         self.precision = precision = Precision.named(precision, self.device) if isinstance(precision, str) else precision
         self.model = precision.prepare_model(model.to(self.device))
         self.task = task or (SupervisedTask(loss_fn) if loss_fn is not None else ModelLossTask())
-        self.optimizer = optimizer
-        self.train_model = self.dist.wrap(self.model)  # what the loop calls: DDP and/or compiled
-        if options.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.optimizer, self.run_dir = optimizer, Path(run_dir) if run_dir is not None else None
+        wrapped = self.dist.wrap(self.model)  # what the loop calls: DDP and/or compiled
+        self.train_model = torch.compile(wrapped) if options.compile else wrapped
         # A task that is also a Callback (the VAE's beta controller) gets the hooks first, and
         # its state is saved in checkpoints like any callback's.
         named = {**({"task": self.task} if isinstance(self.task, Callback) else {}), **callback_names(callbacks)}
@@ -76,10 +74,9 @@ class Trainer:
         schedule = Schedule(scheduler, options.monitor)
         self.monitor = ValidationMonitor(options, self.task, precision, self.dist, self.logger, schedule)
         self.checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
-        self.checkpoints = CheckpointManager(
-            self.checkpoint_dir, self.dist, self.logger,
-            {"model": self.model, "optimizer": optimizer, "scheduler": schedule, "scaler": precision.scaler},
-            named, {"config": config_yaml, **(extra_state or {})}, options.save_top_k, options.monitor_mode)
+        parts = {"model": self.model, "optimizer": optimizer, "scheduler": schedule, "scaler": precision.scaler}
+        self.checkpoints = CheckpointManager(self.checkpoint_dir, self.dist, self.logger, parts, named, {
+            "config": config_yaml, **(extra_state or {})}, options.save_top_k, options.monitor_mode)
         # One lineage id for all ranks (rank 0's): best.pt is recognised by it on every rank.
         self.state = TrainerState(world_size=self.dist.world_size, lineage=gather_lists([uuid.uuid4().hex])[0])
         self.schedule, self.meter = schedule, LossMeter(self.device)
