@@ -86,8 +86,7 @@ class ValidationMonitor:
 
     def report(self, metrics: dict[str, float], state: TrainerState) -> None:
         self.logger.log_metrics(metrics, state.global_step, state.epoch)
-        self.logger.info("validation  epoch %d  step %d  %s", state.epoch, state.global_step,
-                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "val/epoch_loss"))
+        self.logger.validation(metrics, state.global_step, state.epoch)
         text = self.task.eval_text()
         if text:
             self.logger.log_text("val/samples", text, state.global_step)

@@ -123,8 +123,9 @@ def report(cfg: Any, trainer: Trainer, test: dict[str, float], run_dir: Path, wa
         logger.log_hparams(flat_hparams(cfg), {**result.metrics, **test})
         logger.close()
         (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-        logger.info("done: %s = %s; test %s; result in %s", result.monitor, result.best_metric,
-                    json.dumps(test), run_dir / "result.json")
+        logger.summary({f"best {result.monitor}": result.best_metric, **test, "steps": result.global_step,
+                        "epochs": result.epoch, "wall time": f"{result.wall_time_s:.1f} s",
+                        "result": run_dir / "result.json"})
     return result
 
 
