@@ -42,13 +42,28 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from trainkit.__about__ import __version__
+from trainkit.commands.arguments import TRUST_HELP, log_to_stderr, parse_pairs
 from trainkit.core import checkpoint
+from trainkit.core.builder import parse_trust
 from trainkit.core.errors import ConfigError, TrainkitError
 
 log = logging.getLogger("trainkit")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx",
               "merged": ".merged.pt"}
 ONNX_HINT = 'pip install "trainkit[onnx]"'
+
+
+def run_export(args: list[str]) -> int:
+    """``trainkit export ckpt=PATH format=FORMAT [out=PATH] [trust=]``: prints each file written."""
+    log_to_stderr()
+    options = parse_pairs(args, {"ckpt": "checkpoint path", "format": "|".join(EXTENSIONS),
+                                 "out": "output path", "trust": TRUST_HELP}, "export")
+    if "ckpt" not in options or "format" not in options:
+        raise ConfigError(f"export: ckpt=PATH and format={'|'.join(EXTENSIONS)} are required")
+    for path in export_checkpoint(options["ckpt"], options["format"], options.get("out"),
+                                  parse_trust(options.get("trust"))):
+        print(f"wrote {path}")
+    return 0
 
 
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,

@@ -1,11 +1,43 @@
 """One exit code and one message for whatever stopped a command: a config error, a bad
-file, a missing plugin, a stop request, or a bug (with its traceback)."""
+file, a missing plugin, a stop request, or a bug (with its traceback).
+
+:func:`guarded` is the one place a command's failure is reported; :func:`explain` says what
+the failure means. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import traceback
+from collections.abc import Callable
 
 from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, TrainkitError, did_you_mean
+
+
+def guarded(run: Callable[[], int | None]) -> int:
+    """Run a command; turn the errors a user can cause into one message on stderr and an exit
+    code (2 for usage, 75 for a stop request, 130 for Ctrl-C). A bug also prints its
+    traceback; ``HYDRA_FULL_ERROR=1`` prints the traceback of every error."""
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra re-raises instead of printing when HYDRA_FULL_ERROR is set: trainkit then decides
+    # how an error reads and which exit code it gets.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return run() or 0
+    except KeyboardInterrupt:
+        print("trainkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place every failure is reported
+        code, message = explain(error)
+        if show_traceback or code == EXIT_FAILED and not isinstance(error, TrainkitError):
+            traceback.print_exc()
+        print(f"trainkit: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if not show_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def explain(error: BaseException) -> tuple[int, str]:
@@ -48,8 +80,6 @@ def causes(error: BaseException) -> list[BaseException]:
 def explain_key_error(error: BaseException, key_error: BaseException) -> str:
     """Name the full key, the file it came from, and the closest valid key: from the schema,
     or from the signature of the group's ``_target_``."""
-    import re
-
     from trainkit.core.builder import accepted, resolve_target
     from trainkit.core.schema import schema_keys
 

@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import torch
 
+from trainkit.commands.arguments import TRUST_HELP, log_to_stderr, parse_pairs
+from trainkit.core.builder import parse_trust
 from trainkit.core.checkpoint import load_weights, read_checkpoint
 from trainkit.core.devices import resolve_device
 from trainkit.core.errors import ConfigError
@@ -33,10 +35,44 @@ from trainkit.techniques.rebuild import apply_overrides, localize, rebuild_model
 log = logging.getLogger("trainkit")
 
 
+def run_eval(args: list[str]) -> int:
+    """``trainkit eval ckpt=PATH [split=] [device=] [batch_size=] [trust=] [data.KEY=VALUE]``."""
+    log_to_stderr()
+    options = parse_pairs(args, {"ckpt": "checkpoint path", "split": "val|test", "device": "cpu|cuda|auto",
+                                 "batch_size": "override", "trust": TRUST_HELP}, "eval", ("data.",))
+    if "ckpt" not in options:
+        raise ConfigError("eval: ckpt=PATH is required (for example ckpt=outputs/<name>/<time>/checkpoints/best.pt)")
+    try:
+        batch_size = int(options["batch_size"]) if "batch_size" in options else None
+    except ValueError:
+        raise ConfigError(f"eval: batch_size={options['batch_size']!r} must be a whole number") from None
+    data = {key: value for key, value in options.items() if key.startswith("data.")}
+    evaluate_checkpoint(options["ckpt"], options.get("split", "test"), options.get("device", "cpu"), batch_size,
+                        parse_trust(options.get("trust")), data)
+    return 0
 
-# Files named by a stored config -----------------------------------------------------------------
 
-# Rebuilding -------------------------------------------------------------------------------------
+def run_translate(args: list[str]) -> int:
+    """``trainkit translate ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=]
+    [length_penalty=1.0] [device=cpu] [trust=]``: stdin (or FILE) to stdout, line by line."""
+    log_to_stderr()
+    options = parse_pairs(args, {"ckpt": "", "input": "", "beam": "", "batch_size": "", "max_len": "",
+                                 "device": "", "length_penalty": "", "trust": TRUST_HELP}, "translate")
+    if "ckpt" not in options:
+        raise ConfigError("translate: ckpt=PATH is required")
+    try:
+        beam = int(options.get("beam", 4))
+        batch_size = int(options.get("batch_size", 64))
+        max_len = int(options["max_len"]) if "max_len" in options else None
+        length_penalty = float(options.get("length_penalty", 1.0))
+    except ValueError as error:
+        raise ConfigError(f"translate: {error}") from None
+    if beam < 1 or batch_size < 1:
+        raise ConfigError("translate: beam and batch_size must be at least 1")
+    translate_stream(options["ckpt"], options.get("input"), beam, batch_size, max_len,
+                     length_penalty, options.get("device", "cpu"), trust=parse_trust(options.get("trust")))
+    return 0
+
 
 def evaluate_checkpoint(path: str | Path, split: str = "test", device: str = "cpu",
                         batch_size: int | None = None, trust: Sequence[str] = (),

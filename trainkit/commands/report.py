@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from trainkit.commands.arguments import parse_pairs
 from trainkit.commands.sweep import (
     JOB_FILE,
     JobRow,
@@ -26,6 +27,15 @@ from trainkit.commands.sweep import (
     write_summary,
 )
 from trainkit.core.errors import ConfigError
+
+
+def run_report(args: list[str]) -> int:
+    """``trainkit report DIR [out=FILE.png]``."""
+    if not args or "=" in args[0]:
+        raise ConfigError("report: give a sweep or run directory: trainkit report DIR [out=FILE.png]")
+    options = parse_pairs(args[1:], {"out": "picture path"}, "report")
+    report(args[0], options.get("out"))
+    return 0
 
 
 def report(path: str | Path, out: str | Path | None = None) -> Path:

@@ -131,70 +131,88 @@ def schema_keys(path: str) -> list[str] | None:
 
 
 def check_values(cfg: Any) -> list[ConfigError]:
-    """Range and choice checks the types alone cannot express; every problem, not the first."""
+    """Range and choice checks the types alone cannot express; every problem, not the first,
+    in a fixed order: unknown keys, trainer values, the other sections, then probabilities."""
     from omegaconf import OmegaConf
 
-    t = cfg.trainer
-    problems = []
-    root = [*(schema_keys("") or []), "hydra"]  # hydra: Hydra's own node, when a config keeps it
-    for key in cfg:  # `+foo=...` gets past struct mode
-        if key not in root:
-            hint = did_you_mean(str(key), root) or f" (top-level keys: {', '.join(root)})"
-            problems.append(ConfigError(f"unknown top-level key '{key}'{hint}"))
-    for section in ("trainer", "distributed", "precision", "device", "logging"):
-        valid = schema_keys(section) or []
-        for key in cfg.get(section) or {}:  # `+trainer.x=...` gets past struct mode
-            if key not in valid:
-                problems.append(ConfigError(f"unknown key '{section}.{key}'{did_you_mean(str(key), valid, section + '.')}"))
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(ConfigError(message))
-
-    need(t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs}: must be at least 1")
-    need(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be at least 1 or null")
-    need(t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps}: must be at least 1")
-    need(t.clip_grad_norm is None or t.clip_grad_norm > 0, f"trainer.clip_grad_norm={t.clip_grad_norm}: must be positive or null")
-    need(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: must be at least 1")
-    for key in ("eval_every_n_steps", "save_every_n_steps", "early_stopping_patience"):
-        value = t[key]
-        need(value is None or value >= 1, f"trainer.{key}={value}: must be at least 1 or null")
-    need(t.monitor_mode in ("min", "max"), f"trainer.monitor_mode={t.monitor_mode!r}: must be 'min' or 'max'")
-    need(t.nan_policy in ("error", "skip"), f"trainer.nan_policy={t.nan_policy!r}: must be 'error' or 'skip'")
-    need(t.max_consecutive_skips >= 1, f"trainer.max_consecutive_skips={t.max_consecutive_skips}: must be at least 1")
-    need(t.save_top_k >= 1, f"trainer.save_top_k={t.save_top_k}: must be at least 1")
-    need(cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1")
-    need(cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps")
-    dtype = cfg.precision.autocast_dtype
-    need(dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null")
-    param_dtype = cfg.precision.get("param_dtype")
-    need(param_dtype in (None, "float32", "float64"),
-         f"precision.param_dtype={param_dtype!r}: must be float64, float32 or null")
-    need(not (param_dtype and dtype), f"precision.param_dtype={param_dtype} with precision.autocast_dtype={dtype}: "
-         "autocast would compute in the lower precision; use precision=fp64 alone")
-    lr = cfg.optimizer.get("lr") if cfg.optimizer is not None else None
-    need(lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.lr={lr}: must be a non-negative number")
-    data = cfg.data
-    for key in ("batch_size", "max_tokens"):
-        value = data.get(key) if data is not None else None
-        need(value is None or (isinstance(value, int) and value >= 1), f"data.{key}={value}: must be a positive integer")
-    need(data is None or data.get("num_workers", 0) >= 0, f"data.num_workers={data.get('num_workers')}: must be >= 0")
-
-    def probabilities(node: Any, path: str) -> None:
-        """Dropout rates (``dropout``, ``*_dropout``) in [0, 1) and ``label_smoothing`` in
-        [0, 1], at any depth of a group (a composite loss's terms too)."""
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            name = f"{path}.{key}" if isinstance(node, dict) else f"{path}[{key}]"
-            if isinstance(value, (dict, list)):
-                probabilities(value, name)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                if str(key) == "dropout" or str(key).endswith("_dropout"):
-                    need(0 <= value < 1, f"{name}={value}: a dropout rate must be in [0, 1) (1 drops everything)")
-                elif key == "label_smoothing":
-                    need(0 <= value <= 1, f"{name}={value}: must be in [0, 1] (0: none, 1: uniform targets)")
-
+    problems = [*unknown_keys(cfg), *trainer_problems(cfg.trainer), *section_problems(cfg)]
     for group in ("model", "loss", "finetune"):
         if OmegaConf.is_config(cfg.get(group)):
-            probabilities(OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=False), group)
+            node = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=False)
+            problems += probability_problems(node, group)
+    return [ConfigError(message) for message in problems]
+
+
+def unknown_keys(cfg: Any) -> list[str]:
+    """Top-level and schema-section keys the schema does not know (``+foo=...`` and
+    ``+trainer.x=...`` get past struct mode), each with its closest valid key."""
+    problems = []
+    root = [*(schema_keys("") or []), "hydra"]  # hydra: Hydra's own node, when a config keeps it
+    for key in cfg:
+        if key not in root:
+            hint = did_you_mean(str(key), root) or f" (top-level keys: {', '.join(root)})"
+            problems.append(f"unknown top-level key '{key}'{hint}")
+    for section in ("trainer", "distributed", "precision", "device", "logging"):
+        valid = schema_keys(section) or []
+        for key in cfg.get(section) or {}:
+            if key not in valid:
+                problems.append(f"unknown key '{section}.{key}'{did_you_mean(str(key), valid, section + '.')}")
+    return problems
+
+
+def trainer_problems(t: Any) -> list[str]:
+    """Out-of-range ``trainer.*`` values."""
+    checks = [
+        (t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs}: must be at least 1"),
+        (t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be at least 1 or null"),
+        (t.grad_accum_steps >= 1, f"trainer.grad_accum_steps={t.grad_accum_steps}: must be at least 1"),
+        (t.clip_grad_norm is None or t.clip_grad_norm > 0, f"trainer.clip_grad_norm={t.clip_grad_norm}: must be positive or null"),
+        (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: must be at least 1"),
+        *((t[key] is None or t[key] >= 1, f"trainer.{key}={t[key]}: must be at least 1 or null")
+          for key in ("eval_every_n_steps", "save_every_n_steps", "early_stopping_patience")),
+        (t.monitor_mode in ("min", "max"), f"trainer.monitor_mode={t.monitor_mode!r}: must be 'min' or 'max'"),
+        (t.nan_policy in ("error", "skip"), f"trainer.nan_policy={t.nan_policy!r}: must be 'error' or 'skip'"),
+        (t.max_consecutive_skips >= 1, f"trainer.max_consecutive_skips={t.max_consecutive_skips}: must be at least 1"),
+        (t.save_top_k >= 1, f"trainer.save_top_k={t.save_top_k}: must be at least 1"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def section_problems(cfg: Any) -> list[str]:
+    """Out-of-range values of distributed, device, precision, ``optimizer.lr`` and the data
+    sizes (free-form groups: a key they do not have is not checked here)."""
+    dtype = cfg.precision.autocast_dtype
+    param_dtype = cfg.precision.get("param_dtype")
+    lr = cfg.optimizer.get("lr") if cfg.optimizer is not None else None
+    data = cfg.data
+    checks = [
+        (cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1"),
+        (cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps"),
+        (dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null"),
+        (param_dtype in (None, "float32", "float64"),
+         f"precision.param_dtype={param_dtype!r}: must be float64, float32 or null"),
+        (not (param_dtype and dtype), f"precision.param_dtype={param_dtype} with precision.autocast_dtype={dtype}: "
+         "autocast would compute in the lower precision; use precision=fp64 alone"),
+        (lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.lr={lr}: must be a non-negative number"),
+        *((value is None or (isinstance(value, int) and value >= 1), f"data.{key}={value}: must be a positive integer")
+          for key in ("batch_size", "max_tokens") for value in [data.get(key) if data is not None else None]),
+        (data is None or data.get("num_workers", 0) >= 0, f"data.num_workers={data.get('num_workers')}: must be >= 0"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def probability_problems(node: Any, path: str) -> list[str]:
+    """Dropout rates (``dropout``, ``*_dropout``) outside [0, 1) and ``label_smoothing``
+    outside [0, 1], at any depth of a plain container (a composite loss's terms too)."""
+    problems = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{path}.{key}" if isinstance(node, dict) else f"{path}[{key}]"
+        if isinstance(value, (dict, list)):
+            problems += probability_problems(value, name)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (str(key) == "dropout" or str(key).endswith("_dropout")) and not 0 <= value < 1:
+                problems.append(f"{name}={value}: a dropout rate must be in [0, 1) (1 drops everything)")
+            elif key == "label_smoothing" and not 0 <= value <= 1:
+                problems.append(f"{name}={value}: must be in [0, 1] (0: none, 1: uniform targets)")
     return problems

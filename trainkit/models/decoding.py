@@ -16,6 +16,8 @@ for their duration and then restore every submodule's previous ``training`` flag
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -107,23 +109,7 @@ def beam_search(
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     batch, k = src.size(0), beam_size
-    device = src.device
-
-    def normalise(score: float, length: int) -> float:
-        return score / (length**length_penalty)
-
-    # finished[b]: up to k (normalised score, tokens without BOS/EOS) pairs.
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-
-    def offer(b: int, score: float, hyp: list[int]) -> None:
-        hyps = finished[b]
-        if len(hyps) < k:
-            hyps.append((score, hyp))
-            return
-        worst = min(range(k), key=lambda i: hyps[i][0])
-        if score > hyps[worst][0]:
-            hyps[worst] = (score, hyp)
-
+    finished = _FinishedHypotheses(batch, k, length_penalty)
     with eval_mode(model):
         memory, src_pad_mask = model.encode(src)
         # Each source row is repeated once per beam: rows b*k .. b*k+k-1 belong to source b.
@@ -132,65 +118,118 @@ def beam_search(
         src_pad_mask = src_pad_mask.repeat_interleave(k, dim=0)
         cache = model.new_cache()
 
-        tokens = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+        tokens = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=src.device)
         # All beams start from the same BOS; only beam 0 is live at first, otherwise the
         # first step would fill the beam with k copies of the same extensions.
-        beam_scores = torch.full((batch, k), float("-inf"), device=device)
+        beam_scores = torch.full((batch, k), float("-inf"), device=src.device)
         beam_scores[:, 0] = 0.0
-        done = [False] * batch
-        row_offset = torch.arange(batch, device=device).unsqueeze(1) * k  # [B, 1]
-
         for step in range(max_len):
             logits = model.decode(tokens[:, -1:], memory, src_pad_mask, cache)[:, -1]
-            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B*k, V]
-            vocab = log_probs.size(-1)
-            candidates = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
-            n_cand = min(2 * k, k * vocab)
-            top_scores, top_index = candidates.topk(n_cand, dim=1)  # sorted, best first
-            top_beam = top_index // vocab
-            top_token = top_index % vocab
-            is_eos = top_token.eq(eos_id)
-            length = step + 1
-
-            # EOS extensions ranked within the first k candidates finish a hypothesis.
-            # (Lower-ranked ones are ignored; with k=1 that is what makes this greedy.)
-            eos_hits = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
-            for b, j in eos_hits:
-                if not done[b]:
-                    prefix = tokens[b * k + int(top_beam[b, j]), 1:].tolist()
-                    offer(b, normalise(top_scores[b, j].item(), length), prefix)
-
-            # The k best non-EOS extensions stay live: sort EOS behind, keep candidate rank
-            # (so beam 0 is always the best live hypothesis).
-            rank = torch.arange(n_cand, device=device).expand(batch, n_cand)
-            order = (rank + is_eos.long() * n_cand).argsort(dim=1)[:, :k]
-            beam_scores = top_scores.gather(1, order)
-            parent = (row_offset + top_beam.gather(1, order)).view(-1)
-            tokens = torch.cat(
-                [tokens.index_select(0, parent), top_token.gather(1, order).view(-1, 1)], dim=1
-            )
-
-            best_live = beam_scores[:, 0].tolist()
-            for b in range(batch):
-                if not done[b] and len(finished[b]) == k:
-                    worst = min(score for score, _ in finished[b])
-                    done[b] = normalise(best_live[b], length) <= worst
-            if all(done):
+            candidates = _select_candidates(beam_scores, torch.log_softmax(logits.float(), dim=-1), eos_id)
+            finished.add_eos_extensions(tokens, candidates, length=step + 1)
+            tokens, beam_scores, parent = _keep_live(tokens, candidates, k)
+            if finished.update_done(beam_scores[:, 0].tolist(), length=step + 1):
                 break
             cache.reorder(parent)
         else:
-            # max_len reached: live hypotheses of unfinished rows compete without an EOS.
-            live = tokens[:, 1:].view(batch, k, max_len).tolist()
-            scores = beam_scores.tolist()
-            for b in range(batch):
-                if not done[b]:
-                    for j in range(k):
-                        if scores[b][j] != float("-inf"):
-                            offer(b, normalise(scores[b][j], max_len), live[b][j])
+            finished.add_live(tokens, beam_scores, max_len)
+    return finished.best(eos_id)
 
-    results = []
-    for hyps in finished:
-        # max() keeps the first of equal scores.
-        best = max(hyps, key=lambda h: h[0])[1] if hyps else []
-        results.append(_strip(best, eos_id))
-    return results
+
+# Candidate selection ----------------------------------------------------------------------------
+
+@dataclass
+class _Candidates:
+    """The ``2 * k`` best one-token extensions per source row, sorted best first; each
+    tensor is [B, n] with n = min(2k, k * vocab)."""
+
+    scores: Tensor  # summed log-probs of the extended hypotheses
+    beam: Tensor  # which live beam (0..k-1) each extends
+    token: Tensor  # the token each appends
+    is_eos: Tensor
+
+
+def _select_candidates(beam_scores: Tensor, log_probs: Tensor, eos_id: int) -> _Candidates:
+    """beam_scores [B, k] of the live beams, log_probs [B*k, V] of their next token."""
+    batch, k = beam_scores.shape
+    vocab = log_probs.size(-1)
+    candidates = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+    scores, index = candidates.topk(min(2 * k, k * vocab), dim=1)  # sorted, best first
+    token = index % vocab
+    return _Candidates(scores, index // vocab, token, token.eq(eos_id))
+
+
+def _keep_live(tokens: Tensor, candidates: _Candidates, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best non-EOS extensions stay live (there are always enough: each beam has only
+    one EOS extension): EOS sorts behind, candidate rank is kept, so beam 0 is always the
+    best live hypothesis. Returns the new tokens [B*k, T+1], their scores [B, k] and each
+    new beam's parent row in ``tokens`` [B*k] (for reordering the cache)."""
+    batch, n_cand = candidates.scores.shape
+    rank = torch.arange(n_cand, device=tokens.device).expand(batch, n_cand)
+    order = (rank + candidates.is_eos.long() * n_cand).argsort(dim=1)[:, :k]
+    beam_scores = candidates.scores.gather(1, order)
+    row_offset = torch.arange(batch, device=tokens.device).unsqueeze(1) * k  # [B, 1]
+    parent = (row_offset + candidates.beam.gather(1, order)).view(-1)
+    tokens = torch.cat([tokens.index_select(0, parent), candidates.token.gather(1, order).view(-1, 1)], dim=1)
+    return tokens, beam_scores, parent
+
+
+# Finished-hypothesis bookkeeping ----------------------------------------------------------------
+
+class _FinishedHypotheses:
+    """Per source row, the ``k`` best finished hypotheses as (normalised score, tokens without
+    BOS/EOS) pairs, and whether the row is done (no live hypothesis can still get in)."""
+
+    def __init__(self, batch: int, k: int, length_penalty: float) -> None:
+        self.k = k
+        self.length_penalty = length_penalty
+        self.rows: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+
+    def normalise(self, score: float, length: int) -> float:
+        return score / (length**self.length_penalty)
+
+    def offer(self, b: int, score: float, hyp: list[int]) -> None:
+        """Keep ``hyp`` if row ``b`` has room or it beats the row's worst finished one."""
+        hyps = self.rows[b]
+        if len(hyps) < self.k:
+            hyps.append((score, hyp))
+            return
+        worst = min(range(self.k), key=lambda i: hyps[i][0])
+        if score > hyps[worst][0]:
+            hyps[worst] = (score, hyp)
+
+    def add_eos_extensions(self, tokens: Tensor, candidates: _Candidates, length: int) -> None:
+        """EOS extensions ranked within the first k candidates finish a hypothesis of
+        ``length`` tokens (EOS included). Lower-ranked ones are ignored; with k=1 that is
+        what makes this greedy."""
+        k = self.k
+        hits = (candidates.is_eos[:, :k] & torch.isfinite(candidates.scores[:, :k])).nonzero().tolist()
+        for b, j in hits:
+            if not self.done[b]:
+                prefix = tokens[b * k + int(candidates.beam[b, j]), 1:].tolist()
+                self.offer(b, self.normalise(candidates.scores[b, j].item(), length), prefix)
+
+    def update_done(self, best_live: list[float], length: int) -> bool:
+        """A row is done once its finished set is full and its best live score, normalised at
+        ``length``, does not beat its worst finished one. True when every row is done."""
+        for b, score in enumerate(best_live):
+            if not self.done[b] and len(self.rows[b]) == self.k:
+                worst = min(finished for finished, _ in self.rows[b])
+                self.done[b] = self.normalise(score, length) <= worst
+        return all(self.done)
+
+    def add_live(self, tokens: Tensor, beam_scores: Tensor, max_len: int) -> None:
+        """max_len reached: live hypotheses of unfinished rows compete without an EOS."""
+        batch = len(self.rows)
+        live = tokens[:, 1:].view(batch, self.k, max_len).tolist()
+        scores = beam_scores.tolist()
+        for b in range(batch):
+            if not self.done[b]:
+                for j in range(self.k):
+                    if scores[b][j] != float("-inf"):
+                        self.offer(b, self.normalise(scores[b][j], max_len), live[b][j])
+
+    def best(self, eos_id: int) -> list[list[int]]:
+        """The best finished hypothesis of each row (max() keeps the first of equal scores)."""
+        return [_strip(max(hyps, key=lambda h: h[0])[1] if hyps else [], eos_id) for hyps in self.rows]

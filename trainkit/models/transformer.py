@@ -235,6 +235,21 @@ class DecoderLayer(_Residual):
         return self._residual(x, self.norm3, self.ffn)
 
 
+def check_arguments(pad_id: int, **sizes: int) -> None:
+    """Refuse, naming the ``model.*`` keys, sizes a :class:`Transformer` cannot be built with:
+    every size an integer >= 1, ``d_model`` even and divisible by ``num_heads``, ``pad_id`` a
+    token id of both vocabularies."""
+    check_sizes(**sizes)
+    d_model, num_heads = sizes["d_model"], sizes["num_heads"]
+    if d_model % num_heads or d_model % 2:
+        fitting = 2 * num_heads * math.ceil(d_model / (2 * num_heads))
+        raise ConfigError(f"model.d_model={d_model}, model.num_heads={num_heads}: d_model must be even (sinusoidal "
+                          f"positions) and divisible by num_heads, e.g. model.d_model={fitting}")
+    src_vocab_size, tgt_vocab_size = sizes["src_vocab_size"], sizes["tgt_vocab_size"]
+    if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
+        raise ConfigError(f"model.pad_id={pad_id}: not a token id of the vocabularies ({src_vocab_size}, {tgt_vocab_size})")
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer for sequence-to-sequence tasks (machine translation).
 
@@ -273,15 +288,9 @@ class Transformer(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        check_sizes(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=d_model,
-                    num_heads=num_heads, num_encoder_layers=num_encoder_layers,
-                    num_decoder_layers=num_decoder_layers, ffn_dim=ffn_dim, max_len=max_len)
-        if d_model % num_heads or d_model % 2:
-            fitting = 2 * num_heads * math.ceil(d_model / (2 * num_heads))
-            raise ConfigError(f"model.d_model={d_model}, model.num_heads={num_heads}: d_model must be even (sinusoidal "
-                              f"positions) and divisible by num_heads, e.g. model.d_model={fitting}")
-        if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
-            raise ConfigError(f"model.pad_id={pad_id}: not a token id of the vocabularies ({src_vocab_size}, {tgt_vocab_size})")
+        check_arguments(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=d_model,
+                        num_heads=num_heads, num_encoder_layers=num_encoder_layers,
+                        num_decoder_layers=num_decoder_layers, ffn_dim=ffn_dim, max_len=max_len, pad_id=pad_id)
         self.src_vocab_size = src_vocab_size
         self.tgt_vocab_size = tgt_vocab_size
         self.pad_id = pad_id
@@ -295,17 +304,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.embed_scale = math.sqrt(d_model)
 
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
-        if tie_embeddings and src_vocab_size == tgt_vocab_size:
-            # The same module under two names: one parameter, two state_dict entries that
-            # share storage (torch.save keeps the sharing; load_state_dict copies into it).
-            self.src_embed = self.tgt_embed
-        else:
-            self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
-        self.output_proj = nn.Linear(d_model, tgt_vocab_size, bias=False)
-        if tie_embeddings:
-            self.output_proj.weight = self.tgt_embed.weight
-
+        self._build_embeddings()
         # Fixed positions are a buffer (moves with .to(), never trained); non-persistent so
         # checkpoints hold only learned tensors and max_len can change between runs.
         self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)
@@ -324,6 +323,20 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
 
         self._reset_parameters()
+
+    def _build_embeddings(self) -> None:
+        """The target and source embeddings and the output projection, tied as
+        ``tie_embeddings`` says (see the class docstring)."""
+        self.tgt_embed = nn.Embedding(self.tgt_vocab_size, self.d_model, padding_idx=self.pad_id)
+        if self.tie_embeddings and self.src_vocab_size == self.tgt_vocab_size:
+            # The same module under two names: one parameter, two state_dict entries that
+            # share storage (torch.save keeps the sharing; load_state_dict copies into it).
+            self.src_embed = self.tgt_embed
+        else:
+            self.src_embed = nn.Embedding(self.src_vocab_size, self.d_model, padding_idx=self.pad_id)
+        self.output_proj = nn.Linear(self.d_model, self.tgt_vocab_size, bias=False)
+        if self.tie_embeddings:
+            self.output_proj.weight = self.tgt_embed.weight
 
     def _reset_parameters(self) -> None:
         embeddings = {id(self.src_embed.weight), id(self.tgt_embed.weight)}

@@ -1,6 +1,6 @@
 """Curriculum: schedule any numeric value of the live run over optimizer steps or epochs.
 
-A ``Schedule`` is a callback (``callbacks: {NAME: {_target_: trainkit.curriculum.Schedule,
+A ``Schedule`` is a callback (``callbacks: {NAME: {_target_: trainkit.techniques.curriculum.Schedule,
 target: loss.label_smoothing, start_value: 0.0, end_value: 0.1}}``). Before every
 optimizer step the value at ``target`` is set to a pure function of the step about to be
 taken, so it saves nothing and a resumed run gets exactly the values of a run that never
