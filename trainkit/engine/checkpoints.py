@@ -97,6 +97,9 @@ class CheckpointManager:
         fits = k > 1 and math.isfinite(value) and (len(ranked) < k or self.better(value, ranked[-1][0]))
         self.candidate = value if fits else None
 
+    def saved_at(self, step: int) -> bool:
+        return self.last_step == step
+
     def last_file(self) -> Path | None:
         """last.pt when one was written (the last good checkpoint an error message names)."""
         last = self.directory / "last.pt" if self.directory is not None else None

@@ -117,9 +117,9 @@ class Trainer:
             if state.stop_reason == "preempted":
                 self.stops.raise_preempted(f"at step {state.global_step}; last.pt is resumable (resume=auto)")
             state.stop_reason = state.stop_reason or "finished"
-            validate = val_loader is not None and self.monitor.last_step != state.global_step
+            validate = val_loader is not None and not self.monitor.validated_at(state.global_step)
             self.checkpoint_after(self.validate(val_loader) if validate else False,
-                                  self.checkpoints.last_step != state.global_step)
+                                  not self.checkpoints.saved_at(state.global_step))
             self.stops.raise_if_agreed("after the final validation; last.pt holds the finished training (resume=auto tests it)")
         self.call("on_fit_end")
         return self.monitor.history

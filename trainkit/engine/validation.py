@@ -107,6 +107,9 @@ class ValidationMonitor:
             self.logger.info("early stopping: %s did not improve for %d evaluations (best %.6g at step %s)",
                              self.options.monitor, patience, state.best_metric, state.best_step)
 
+    def validated_at(self, step: int) -> bool:
+        return self.last_step == step
+
     @property
     def validated(self) -> bool:
         """Whether this process has validated (without validation, best.pt is the latest)."""
