@@ -20,8 +20,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Cli
 
 GOOD_TSV = "one\teins\ntwo\tzwei\nthree\tdrei\nfour\tvier\n"
 # digits cases stop after two optimizer steps should a case wrongly get as far as training
@@ -41,15 +40,6 @@ VAE = ["train", "+experiment=digits_vae", "trainer.max_steps=2", "scheduler=none
 
 
 # shared earlier run ------------------------------------------------------------------------------
-def run_trainkit(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                 stdin: str = "") -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if "HYDRA_FULL_ERROR" not in (env or {}):
-        full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "trainkit", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=300, input=stdin, env=full_env)
-
-
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root/outputs, by relative path."""
     outputs = root / "outputs"
@@ -72,7 +62,7 @@ class Earlier:
 @pytest.fixture(scope="module")
 def earlier(tmp_path_factory) -> Earlier:
     root = tmp_path_factory.mktemp("shared")
-    out = run_trainkit(["train", "+experiment=digits_mlp", "trainer.max_epochs=1"], root)
+    out = Cli(root)("train", "+experiment=digits_mlp", "trainer.max_epochs=1", stdin="")
     assert out.returncode == 0, out.stderr
     dirs = run_dirs(root)
     assert len(dirs) == 1, dirs
@@ -269,7 +259,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("args", "expect", "files", "stdin"), CASES)
-def test_bad_input(args, expect, files, stdin, earlier, tmp_path, request):
+def test_bad_input(args, expect, files, stdin, earlier, cli, tmp_path, request):
     for name, content in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +267,7 @@ def test_bad_input(args, expect, files, stdin, earlier, tmp_path, request):
             content = content(earlier.run, tmp_path)
         (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(earlier.run)) for a in args]
-    out = run_trainkit(argv, earlier.root, stdin=stdin)
+    out = cli(*argv, cwd=earlier.root, stdin=stdin)
     shown = f"\n$ trainkit {' '.join(argv)}\nexit {out.returncode}\nstderr:\n{out.stderr[-3000:]}"
     print(shown)  # pytest -rA shows what each case printed
     try:
@@ -292,8 +282,8 @@ def test_bad_input(args, expect, files, stdin, earlier, tmp_path, request):
         check_nothing_changed(earlier, request.node.callspec.id)
 
 
-def test_full_error_shows_traceback(earlier):
-    out = run_trainkit([*DIGITS, "trainer.max_epocs=3"], earlier.root, env={"HYDRA_FULL_ERROR": "1"})
+def test_full_error_shows_traceback(earlier, cli):
+    out = cli(*DIGITS, "trainer.max_epocs=3", cwd=earlier.root, env={"HYDRA_FULL_ERROR": "1"}, stdin="")
     assert out.returncode == 2, out.stderr
     assert "Traceback" in out.stderr
     assert "trainer.max_epochs" in out.stderr[out.stderr.index("trainkit: error:"):]
@@ -413,10 +403,10 @@ def test_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
     assert WarmupCosine(optimizer(), total_steps=50, warmup_steps=50).warmup_steps == 5  # as long: never decays
 
 
-def test_a_preset_runs_for_one_epoch_with_its_longer_warmup(run_cli, tmp_path):
+def test_a_preset_runs_for_one_epoch_with_its_longer_warmup(cli, tmp_path):
     """digits_contrastive has 5 optimizer steps an epoch and warms up over 20."""
-    out = run_cli("train", "+experiment=digits_contrastive", "trainer.max_epochs=1", "trainer.test_after_fit=false",
-                  "logging.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}")
+    out = cli("train", "+experiment=digits_contrastive", "trainer.max_epochs=1", "trainer.test_after_fit=false",
+              "logging.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "scheduler.warmup_steps=20 is not shorter than the run (5 optimizer steps): shortened to 1" in log

@@ -4,20 +4,20 @@ here, on a few steps; their figures are in BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 def run_script(*args: str, cwd: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=subprocess_env({"PYTHONWARNINGS": "ignore"}),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 

@@ -1,5 +1,6 @@
-"""Checkpoint files: checksums catch a changed byte, junk is exit 2, a full disk keeps the
-previous checkpoint, and resume=auto falls back to the newest good checkpoint."""
+"""Checkpoint files: checksums catch a changed byte, junk (or a torch too old to read them
+safely) is exit 2, a full disk keeps the previous checkpoint, and resume=auto falls back to the
+newest good checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_weights, load_weights
+from conftest import assert_same_weights, load_weights, subprocess_env
 
 from trainkit import train_model
 from trainkit.callbacks import Callback
@@ -242,16 +243,22 @@ def test_a_pickle_of_any_object_is_still_refused(tmp_path):
         checkpoint.load(tmp_path / "code.pt")
 
 
-def test_eval_of_junk_or_a_corrupt_checkpoint_exits_2_without_a_traceback(run_cli, trained, tmp_path):
+def test_eval_of_junk_or_a_corrupt_checkpoint_exits_2_without_a_traceback(cli, trained, tmp_path):
     (tmp_path / "t.txt").write_text("hello\n")
-    out = run_cli("eval", "ckpt=t.txt")
+    out = cli("eval", "ckpt=t.txt")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "trainkit: error: checkpoint t.txt: unreadable, truncated or corrupt (not a torch checkpoint)"
     flip_tensor_byte(trained, next(iter(torch.load(trained, weights_only=True)["model"].values())))
-    out = run_cli("eval", f"ckpt={trained}")
+    out = cli("eval", f"ckpt={trained}")
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert f"checkpoint {trained}: corrupt: checksum mismatch at model." in out.stderr
+
+
+def test_old_torch_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint.torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(ConfigError, match=r"torch 2.5.1\+cpu is too old: trainkit needs torch >= 2.6"):
+        checkpoint.load(tmp_path / "any.pt")
 
 
 # resume=auto ------------------------------------------------------------------------------------
@@ -333,6 +340,18 @@ def test_resume_auto_from_a_top_k_file_when_last_and_best_are_corrupt(compose, t
     assert result.global_step == 40
 
 
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(compose, tmp_path, caplog):
+    first = tmp_path / "outputs" / "a"
+    train_model(compose([*DIGITS, "trainer.max_epochs=1"]), run_dir=first)
+    second = tmp_path / "outputs" / "b"
+    train_model(compose([*DIGITS, "trainer.max_epochs=2"]), run_dir=second)
+    last = second / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    result = train_model(compose([*DIGITS, "trainer.max_epochs=2", "resume=auto"]), run_dir=tmp_path / "outputs" / "c")
+    assert "skipping" in caplog.text and "b/checkpoints/last.pt" in caplog.text
+    assert result.global_step == 40  # continued from a's 20 steps
+
+
 # A full disk ------------------------------------------------------------------------------------
 FILE_SIZE_LIMIT = textwrap.dedent("""
     import json, os, resource, signal, sys, torch
@@ -370,7 +389,7 @@ def test_a_write_the_kernel_refuses_keeps_the_previous_checkpoint(tmp_path):
     if not hasattr(resource, "RLIMIT_FSIZE"):
         pytest.skip("no RLIMIT_FSIZE on this system")
     out = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=120, env=subprocess_env())
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["errors"] == [f"could not write checkpoint {tmp_path / name}: File too large; "
@@ -391,7 +410,7 @@ exit $code
 
 
 @pytest.mark.slow
-def test_training_into_a_full_filesystem_exits_2_and_keeps_last_pt(compose, tmp_path):
+def test_training_into_a_full_filesystem_exits_2_and_keeps_last_pt(cli, compose, tmp_path):
     """A real full disk: a tmpfs holding 2.5 checkpoints, mounted in a private mount namespace."""
     disk, out = tmp_path / "disk", tmp_path / "out"
     disk.mkdir()
@@ -408,14 +427,11 @@ def test_training_into_a_full_filesystem_exits_2_and_keeps_last_pt(compose, tmp_
     size = (tmp_path / "sizing" / "checkpoints" / "last.pt").stat().st_size
     # Steps 1-5: best.pt is last.pt, so a save needs two checkpoints' room; from step 6 best.pt
     # keeps step 5 alive, and the save of step 7 needs a third.
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", INSIDE_A_SMALL_TMPFS, "sh", f"{int(2.5 * size) + 256 * 1024}", str(disk), str(out),
-         sys.executable, "-m", "trainkit", "train", *common, f"hydra.run.dir={disk}/run",
-         f"+callbacks.copy={{_target_: test_checkpoint.CopyLastCheckpoint, to: {out}/before.pt}}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    in_a_small_tmpfs = ("unshare", "-rm", "sh", "-c", INSIDE_A_SMALL_TMPFS, "sh", f"{int(2.5 * size) + 256 * 1024}",
+                        str(disk), str(out), sys.executable)
+    result = cli("train", *common, f"hydra.run.dir={disk}/run",
+                 f"+callbacks.copy={{_target_: test_checkpoint.CopyLastCheckpoint, to: {out}/before.pt}}",
+                 launcher=in_a_small_tmpfs, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     last = disk / "run" / "checkpoints" / "last.pt"
     assert (f"trainkit: error: could not write checkpoint {last}: No space left on device "
@@ -430,7 +446,7 @@ def test_training_into_a_full_filesystem_exits_2_and_keeps_last_pt(compose, tmp_
 def test_bench_checkpoint_runs(tmp_path):
     script = TESTS.parent / "scripts" / "bench_checkpoint.py"
     out = subprocess.run([sys.executable, str(script), "--sizes", "1", "--rounds", "1"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=300, cwd=tmp_path, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert row["size_mib"] == 1 and row["rounds"] == 1

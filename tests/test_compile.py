@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_weights, load_weights
-from test_ddp import trainkit
 
 from trainkit import train_model
 
@@ -48,13 +47,13 @@ def test_compiled_training_matches_eager(compose, tmp_path, eager_random, experi
 
 
 @pytest.mark.ddp
-def test_compiled_ddp_with_accumulation_equals_one_eager_process(tmp_path):
+def test_compiled_ddp_with_accumulation_equals_one_eager_process(cli, tmp_path):
     common = ["+experiment=digits_mlp", "data.shuffle=false", "model.dropout=0", "trainer.max_steps=6",
               "trainer.grad_accum_steps=2", "trainer.test_after_fit=false", "scheduler.warmup_steps=2"]
-    out = trainkit(tmp_path, "train", *common, "data.batch_size=8", "distributed.nproc_per_node=2",
-                   "trainer.compile=true", "hydra.run.dir=outputs/ddp", timeout=600)
+    out = cli("train", *common, "data.batch_size=8", "distributed.nproc_per_node=2", "trainer.compile=true",
+              "hydra.run.dir=outputs/ddp", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = trainkit(tmp_path, "train", *common, "data.batch_size=16", "hydra.run.dir=outputs/single")
+    out = cli("train", *common, "data.batch_size=16", "hydra.run.dir=outputs/single")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_weights(load_weights(tmp_path / "outputs/ddp/checkpoints/last.pt"),
                         load_weights(tmp_path / "outputs/single/checkpoints/last.pt"), atol=1e-5)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -143,20 +140,13 @@ def test_preset_reports_recall_and_resumes_bitwise(compose, tmp_path):
     assert second["final"] == whole.metrics
 
 
-def env() -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK")}
-    return {**base, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_gradient_cache_under_ddp_equals_plain_ddp(tmp_path):
+def test_gradient_cache_under_ddp_equals_plain_ddp(cli, tmp_path):
     common = ["+experiment=digits_contrastive", "model.dropout=0", "trainer.max_steps=6", "scheduler=none",
               "data.batch_size=64", "distributed.nproc_per_node=2", "precision=fp64", *QUIET]
     for name, chunk in (("cached", 16), ("plain", "null")):
-        out = subprocess.run([sys.executable, "-m", "trainkit", "train", *common,
-                              f"trainer.gradient_cache.chunk_size={chunk}", f"hydra.run.dir=outputs/{name}"],
-                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+        out = cli("train", *common, f"trainer.gradient_cache.chunk_size={chunk}", f"hydra.run.dir=outputs/{name}")
         assert out.returncode == 0, out.stderr[-3000:]
     cached = load_weights(tmp_path / "outputs/cached/checkpoints/last.pt")
     assert {weight.dtype for weight in cached.values()} == {torch.float64}  # only rounding may differ: 1e-10

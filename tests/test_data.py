@@ -1,4 +1,5 @@
-"""Batch plans, shipped data, and the token-normalised loss of the seq2seq task."""
+"""Batch plans (an empty one is refused), shipped data, and the token-normalised loss of the
+seq2seq task."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 
+from trainkit import Trainer
 from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import FixedBatches, TokenBatches
 
@@ -63,6 +66,29 @@ def test_plan_does_not_touch_the_global_rng():
     list(TokenBatches([5] * 50, 20, seed=1))
     assert torch.equal(torch.rand(3), expected)
 
+
+class EmptyEpochs:
+    """A loader without batches that fails the test instead of hanging when iterated too often."""
+
+    def __init__(self):
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self):
+        self.epochs += 1
+        if self.epochs > 3:
+            raise RuntimeError("the loop keeps asking for epochs of an empty loader")
+        return iter(())
+
+
+def test_an_empty_batch_plan_is_refused_with_max_steps():
+    model = nn.Linear(2, 2)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(reduction="sum"),
+                      max_steps=5)
+    with pytest.raises(ConfigError, match="no batches"):
+        trainer.fit(EmptyEpochs())
 
 def test_malformed_tsv_names_file_and_line(tmp_path):
     from trainkit.data.translation import read_tsv

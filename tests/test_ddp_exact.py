@@ -1,6 +1,7 @@
-"""Exactness and liveness under DDP: every rank joins every collective, ranks draw their own
-randomness, a 2-rank run resumes bitwise, a user's DistributedSampler is reshuffled each epoch,
-and SIGTERM to a self-launched job's parent stops it like torchrun's workers (exit 75)."""
+"""Exactness and liveness under DDP: every rank joins every collective, each rank has its own seed
+and draws its own randomness, a 2-rank run resumes bitwise, a user's DistributedSampler is
+reshuffled each epoch, and SIGTERM to a self-launched job's parent stops it like torchrun's
+workers (exit 75)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from contextlib import suppress
 
 import pytest
 import torch
-from conftest import assert_same_weights, load_weights
-from test_ddp import env, trainkit
+from conftest import Cli, assert_same_weights, load_weights
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainkit import Trainer
+from trainkit.core.seeding import rank_seed
 
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
 
 
-def start(tmp_path, *args: str, **extra_env: str) -> subprocess.Popen:
+def start(cli: Cli, *args: str, **extra_env: str) -> subprocess.Popen:
     """``python -m trainkit train ...`` in a process group of its own, so that a failed test
     can end every worker too (``kill_group``)."""
-    return subprocess.Popen([sys.executable, "-m", "trainkit", "train", *args, *QUIET], cwd=tmp_path,
-                            env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return cli.start("train", *args, *QUIET, env=extra_env, start_new_session=True)
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -39,10 +37,10 @@ def kill_group(process: subprocess.Popen) -> None:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_contrastive_validation_with_a_rank_that_has_no_batch(tmp_path):
+def test_contrastive_validation_with_a_rank_that_has_no_batch(cli, tmp_path):
     # 269 validation images in batches of 256 over 3 ranks: rank 2 gets no batch (it must
     # still join the gather), rank 1 gets the second one (its views must not depend on that).
-    job = start(tmp_path, "+experiment=digits_contrastive", "distributed.nproc_per_node=3", "trainer.max_steps=1",
+    job = start(cli, "+experiment=digits_contrastive", "distributed.nproc_per_node=3", "trainer.max_steps=1",
                 "scheduler=none", "hydra.run.dir=outputs/ddp")
     try:
         _, stderr = job.communicate(timeout=120)  # a rank left out of a collective: the job hangs
@@ -50,7 +48,7 @@ def test_contrastive_validation_with_a_rank_that_has_no_batch(tmp_path):
         kill_group(job)
     assert job.returncode == 0, stderr[-3000:]
     final = json.loads((tmp_path / "outputs/ddp/result.json").read_text())["final"]
-    single = trainkit(tmp_path, "eval", f"ckpt={tmp_path / 'outputs/ddp/checkpoints/last.pt'}", "split=val")
+    single = cli("eval", f"ckpt={tmp_path / 'outputs/ddp/checkpoints/last.pt'}", "split=val")
     assert single.returncode == 0, single.stderr[-3000:]
     one_process = json.loads(single.stdout)
     assert set(one_process) == {"val/loss", "val/recall_at_1"}
@@ -58,9 +56,14 @@ def test_contrastive_validation_with_a_rank_that_has_no_batch(tmp_path):
         assert final[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+def test_each_rank_gets_its_own_seed_and_rank_zero_keeps_the_run_seed():
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, rank) for rank in range(8)}
+    assert len(seeds) == 8 and rank_seed(7, 3) == rank_seed(7, 3) and rank_seed(8, 3) != rank_seed(7, 3)
+
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_rank_resume_is_bitwise_with_dropout_and_ranks_draw_their_own_masks(tmp_path):
+def test_two_rank_resume_is_bitwise_with_dropout_and_ranks_draw_their_own_masks(cli, tmp_path):
     # 2 ranks x 64 images: 10 steps an epoch, rank 1 takes the short last batch (43 images), so
     # its RNG moves differently from rank 0's; the stop at step 12 is in the middle of epoch 2.
     common = ["+experiment=digits_mlp", "model.dropout=0.2", "trainer.max_steps=14", "scheduler.warmup_steps=2",
@@ -68,19 +71,19 @@ def test_two_rank_resume_is_bitwise_with_dropout_and_ranks_draw_their_own_masks(
               *QUIET]
     folder = tmp_path / "rng"
     folder.mkdir()
-    out = trainkit(tmp_path, "train", *common, "hydra.run.dir=outputs/whole/run",
-                   f"+callbacks.rng={{_target_: ddp_helpers.RecordRngState, step: 1, folder: {folder}}}")
+    out = cli("train", *common, "hydra.run.dir=outputs/whole/run",
+              f"+callbacks.rng={{_target_: probe_helpers.RecordRngState, step: 1, folder: {folder}}}")
     assert out.returncode == 0, out.stderr[-3000:]
     rank0, rank1 = (folder / "rank0").read_text(), (folder / "rank1").read_text()
     assert rank0 != rank1, "both ranks hold the same RNG state: they draw the same dropout masks"
-    out = trainkit(tmp_path, "train", *common, "hydra.run.dir=outputs/parts/first",
-                   "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 12}")
+    out = cli("train", *common, "hydra.run.dir=outputs/parts/first",
+              "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 12}")
     assert out.returncode == 75, out.stderr[-3000:]
     stopped = torch.load(tmp_path / "outputs/parts/first/checkpoints/last.pt", weights_only=True)
     assert stopped["trainer_state"]["global_step"] == 12 and stopped["trainer_state"]["batch_in_epoch"] == 2
     assert len(stopped["rng_ranks"]) == 2
     assert not torch.equal(stopped["rng_ranks"][0]["torch"], stopped["rng_ranks"][1]["torch"])
-    out = trainkit(tmp_path, "train", *common, "hydra.run.dir=outputs/parts/second", "resume=auto")
+    out = cli("train", *common, "hydra.run.dir=outputs/parts/second", "resume=auto")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_weights(load_weights(tmp_path / "outputs/whole/run/checkpoints/last.pt"),
                         load_weights(tmp_path / "outputs/parts/second/checkpoints/last.pt"))
@@ -88,9 +91,9 @@ def test_two_rank_resume_is_bitwise_with_dropout_and_ranks_draw_their_own_masks(
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_sigterm_to_the_self_launch_parent_stops_with_a_resumable_checkpoint(tmp_path):
+def test_sigterm_to_the_self_launch_parent_stops_with_a_resumable_checkpoint(cli, tmp_path):
     run = tmp_path / "outputs/digits_mlp/first"
-    parent = start(tmp_path, "+experiment=digits_mlp", "distributed.nproc_per_node=2", "trainer.max_epochs=1000",
+    parent = start(cli, "+experiment=digits_mlp", "distributed.nproc_per_node=2", "trainer.max_epochs=1000",
                    "trainer.log_every_n_steps=2", f"hydra.run.dir={run}")
     try:
         deadline = time.monotonic() + 120
@@ -105,8 +108,8 @@ def test_sigterm_to_the_self_launch_parent_stops_with_a_resumable_checkpoint(tmp
     state = torch.load(run / "checkpoints/last.pt", weights_only=True)["trainer_state"]
     step = state["global_step"]
     assert step >= 2 and state["world_size"] == 2
-    out = trainkit(tmp_path, "train", "+experiment=digits_mlp", "distributed.nproc_per_node=2", "resume=auto",
-                   f"trainer.max_steps={step + 2}", "scheduler=none", "hydra.run.dir=outputs/digits_mlp/second", *QUIET)
+    out = cli("train", "+experiment=digits_mlp", "distributed.nproc_per_node=2", "resume=auto",
+              f"trainer.max_steps={step + 2}", "scheduler=none", "hydra.run.dir=outputs/digits_mlp/second", *QUIET)
     assert out.returncode == 0, out.stderr[-3000:]
     second = tmp_path / "outputs/digits_mlp/second"
     assert json.loads((second / "result.json").read_text())["global_step"] == step + 2
@@ -115,10 +118,10 @@ def test_sigterm_to_the_self_launch_parent_stops_with_a_resumable_checkpoint(tmp
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_a_second_sigterm_ends_a_stuck_self_launched_job(tmp_path):
+def test_a_second_sigterm_ends_a_stuck_self_launched_job(cli, tmp_path):
     stamp = tmp_path / "stuck"
-    parent = start(tmp_path, "+experiment=digits_mlp", "distributed.nproc_per_node=2",
-                   f"+callbacks.hang={{_target_: ddp_helpers.HangAtStep, rank: 1, step: 2, stamp: {stamp}}}",
+    parent = start(cli, "+experiment=digits_mlp", "distributed.nproc_per_node=2",
+                   f"+callbacks.hang={{_target_: fault_helpers.HangAtStep, rank: 1, step: 2, stamp: {stamp}}}",
                    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2")
     try:
         deadline = time.monotonic() + 120

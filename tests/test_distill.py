@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,6 @@ from conftest import assert_same_weights, load_weights
 from trainkit import train_model
 from trainkit.core.errors import ConfigError, Preempted
 
-TESTS = Path(__file__).parent
 QUIET = ["logging.progress_bar=false"]
 
 
@@ -126,10 +122,10 @@ def test_teacher_output_mismatch_is_a_config_error(compose, tmp_path, teacher):
         train_model(cfg, run_dir=tmp_path / "mismatch")
 
 
-def test_missing_teacher_is_exit_2_naming_the_key(run_cli):
-    out = run_cli("train", "+experiment=nmt_distill")
+def test_missing_teacher_is_exit_2_naming_the_key(cli):
+    out = cli("train", "+experiment=nmt_distill")
     assert out.returncode == 2 and "loss.teacher_ckpt" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("train", "+experiment=digits_distill", "loss.teacher_ckpt=nowhere/best.pt")
+    out = cli("train", "+experiment=digits_distill", "loss.teacher_ckpt=nowhere/best.pt")
     assert out.returncode == 2 and "loss.teacher_ckpt=nowhere/best.pt: no such file" in out.stderr
 
 
@@ -150,20 +146,14 @@ def test_token_level_distillation_for_translation(compose, tmp_path):
         train_model(compose([*student, "data.vocab_size=160"]), run_dir=tmp_path / "other")
 
 
-def env() -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK")}
-    return {**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-
-
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_double_batch(tmp_path, teacher):
+def test_two_ranks_equal_one_process_with_double_batch(cli, tmp_path, teacher):
     common = ["+experiment=digits_distill", f"loss.teacher_ckpt={teacher}", "data.shuffle=false",
               "model.dropout=0", "trainer.max_steps=12", "scheduler=none", "trainer.log_every_n_steps=4", *QUIET]
     runs = {"ddp": ["data.batch_size=32", "distributed.nproc_per_node=2"], "single": ["data.batch_size=64"]}
     for name, extra in runs.items():
-        out = subprocess.run([sys.executable, "-m", "trainkit", "train", *common, *extra, f"hydra.run.dir=outputs/{name}"],
-                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+        out = cli("train", *common, *extra, f"hydra.run.dir=outputs/{name}")
         assert out.returncode == 0, out.stderr[-3000:]
     assert_same_weights(load_weights(tmp_path / "outputs/ddp/checkpoints/last.pt"),
                         load_weights(tmp_path / "outputs/single/checkpoints/last.pt"), atol=1e-6)

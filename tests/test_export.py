@@ -105,11 +105,11 @@ def test_onnx_without_the_extra_names_the_install(checkpoints, tmp_path, monkeyp
         export_checkpoint(checkpoints["digits"], "onnx", tmp_path / "model.onnx")
 
 
-def test_export_command(checkpoints, run_cli, tmp_path):
-    done = run_cli("export", f"ckpt={checkpoints['digits']}", "format=safetensors", f"out={tmp_path / 'm.safetensors'}")
+def test_export_command(checkpoints, cli, tmp_path):
+    done = cli("export", f"ckpt={checkpoints['digits']}", "format=safetensors", f"out={tmp_path / 'm.safetensors'}")
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp_path / 'm.safetensors'}" in done.stdout and (tmp_path / "m.yaml").is_file()
-    bad = run_cli("export", f"ckpt={checkpoints['digits']}", "format=tflite")
+    bad = cli("export", f"ckpt={checkpoints['digits']}", "format=tflite")
     assert bad.returncode == 2 and "format='tflite'" in bad.stderr and "Traceback" not in bad.stderr
-    same = run_cli("export", f"ckpt={checkpoints['digits']}", "format=merged", f"out={checkpoints['digits']}")
+    same = cli("export", f"ckpt={checkpoints['digits']}", "format=merged", f"out={checkpoints['digits']}")
     assert same.returncode == 2 and "is the checkpoint itself" in same.stderr

@@ -144,9 +144,9 @@ def test_transformer_leaves_the_tied_output_projection_out_and_merges_exactly():
     assert model.output_proj.weight is model.tgt_embed.weight
 
 
-def test_lora_from_the_command_line_prints_the_trainable_count(run_cli, base, tmp_path):
-    done = run_cli("train", *lora_overrides(base, "trainer.max_steps=5", "scheduler.warmup_steps=1"),
-                   f"hydra.run.dir={tmp_path / 'run'}")
+def test_lora_from_the_command_line_prints_the_trainable_count(cli, base, tmp_path):
+    done = cli("train", *lora_overrides(base, "trainer.max_steps=5", "scheduler.warmup_steps=1"),
+               f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr
     assert "6,736 trainable of 57,562 parameters" in done.stdout + done.stderr
     assert (tmp_path / "run/checkpoints/last.pt").is_file()

@@ -9,27 +9,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Cli
 
 QUICK = ["+experiment=digits_mlp", "trainer.max_epochs=1"]  # 20 optimizer steps, ~1 s a job
 GRID = ["optimizer.lr=1e-3,3e-3", "scheduler=cosine,none"]
 
 
-def trainkit(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "trainkit", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=300, env=full_env)
-
-
 def sweep(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``trainkit train -m`` of quick digits jobs into ``cwd/sweep``."""
-    return trainkit("train", "-m", *QUICK, "hydra.sweep.dir=sweep", *overrides, cwd=cwd, env=env)
+    return Cli(cwd)("train", "-m", *QUICK, "hydra.sweep.dir=sweep", *overrides, env=env)
 
 
 def summary(sweep_dir: Path) -> list[dict[str, str]]:
@@ -76,8 +69,8 @@ def test_every_job_logs_tensorboard_hparams(grid):
     assert "hparam/val/accuracy" in events.Tags()["scalars"]
 
 
-def test_report_prints_the_table_and_writes_a_png(grid, tmp_path, capsys):
-    out = trainkit("report", str(grid), cwd=tmp_path)
+def test_report_prints_the_table_and_writes_a_png(grid, cli, tmp_path, capsys):
+    out = cli("report", str(grid))
     assert out.returncode == 0, out.stderr
     assert "| job | status | optimizer.lr | scheduler | best val/accuracy" in out.stdout
     assert (grid / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,7 +78,7 @@ def test_report_prints_the_table_and_writes_a_png(grid, tmp_path, capsys):
 
     picture = report(grid / "0", out=tmp_path / "run.png")
     assert "# Run" in capsys.readouterr().out and picture.read_bytes()[:4] == b"\x89PNG"
-    out = trainkit("report", str(tmp_path / "nothing"), cwd=tmp_path)
+    out = cli("report", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "neither a sweep" in out.stderr
 
 
@@ -109,14 +102,12 @@ def test_rerun_completes_only_the_missing_jobs(grid, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_sigterm_finishes_when_rerun(tmp_path):
+def test_a_sweep_stopped_by_sigterm_finishes_when_rerun(cli, tmp_path):
     """SIGTERM while job 1 runs (as a cluster's preemption would); the same command again
     skips job 0 and continues (or restarts) job 1."""
-    args = [sys.executable, "-m", "trainkit", "train", "-m", "+experiment=digits_mlp", "trainer.max_epochs=2",
-            "hydra.sweep.dir=sweep", "optimizer.lr=1e-3,3e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    running = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = ["train", "-m", "+experiment=digits_mlp", "trainer.max_epochs=2", "hydra.sweep.dir=sweep",
+            "optimizer.lr=1e-3,3e-3"]
+    running = cli.start(*args, stdout=subprocess.DEVNULL)
     job_1 = tmp_path / "sweep" / "1" / "job.json"
     while not job_1.exists() and running.poll() is None:
         time.sleep(0.05)
@@ -125,7 +116,7 @@ def test_a_sweep_stopped_by_sigterm_finishes_when_rerun(tmp_path):
     assert running.returncode in (75, -signal.SIGTERM), stderr  # 75 when the loop was running
     assert job_record(tmp_path / "sweep" / "0")["status"] == "ok"
     assert job_record(tmp_path / "sweep" / "1")["status"] in ("preempted", "running")  # "running": killed
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = cli(*args)
     assert out.returncode == 0, out.stderr
     assert "job 0 finished in an earlier run" in out.stdout + out.stderr
     assert [r["status"] for r in summary(tmp_path / "sweep")] == ["ok"] * 2
@@ -173,9 +164,8 @@ def only_sweep_dir(cwd: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_joblib_runs_two_jobs(tmp_path):
-    out = trainkit("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=joblib",
-                   "hydra.launcher.n_jobs=2", cwd=tmp_path)
+def test_joblib_runs_two_jobs(cli, tmp_path):
+    out = cli("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert out.returncode == 0, out.stderr
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
     swept = only_sweep_dir(tmp_path)
@@ -184,9 +174,9 @@ def test_joblib_runs_two_jobs(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_runs_two_jobs(tmp_path):
-    out = trainkit("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=submitit_local",
-                   "hydra.launcher.cpus_per_task=1", cwd=tmp_path)
+def test_submitit_local_runs_two_jobs(cli, tmp_path):
+    out = cli("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=submitit_local",
+              "hydra.launcher.cpus_per_task=1")
     assert out.returncode == 0, out.stderr
     swept = only_sweep_dir(tmp_path)
     assert [r["status"] for r in summary(swept)] == ["ok", "ok"]
@@ -212,8 +202,8 @@ def test_slurm_config_writes_the_batch_script(tmp_path):
         assert line in text, line
 
 
-def test_a_missing_plugin_names_what_to_install(tmp_path):
-    out = trainkit("train", "-m", *QUICK, "hydra/sweeper=nevergrad", cwd=tmp_path)
+def test_a_missing_plugin_names_what_to_install(cli):
+    out = cli("train", "-m", *QUICK, "hydra/sweeper=nevergrad")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pip install hydra-nevergrad-sweeper" in out.stderr
     from trainkit.commands.failures import missing_plugin

@@ -284,7 +284,7 @@ def test_fp64_batches_and_refusals(compose, tmp_path):
 
 
 def test_callback_state_is_saved_and_restored(compose, tmp_path):
-    count = "+callbacks.count={_target_: ddp_helpers.CountSteps}"
+    count = "+callbacks.count={_target_: probe_helpers.CountSteps}"
     with pytest.raises(Preempted):
         run(compose, tmp_path, "first", count, "+callbacks.stop={_target_: trainkit.callbacks.StopAt, step: 7}")
     state = torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)

@@ -230,7 +230,7 @@ def test_a_trusted_gadget_really_runs(trained, tmp_path, pickled, marker):
 
 
 # The command line ---------------------------------------------------------------------------------
-def test_commands_exit_2_naming_checkpoint_key_and_target(run_cli, trained, tmp_path, pickled, marker):
+def test_commands_exit_2_naming_checkpoint_key_and_target(cli, trained, tmp_path, pickled, marker):
     digits = hostile(trained["digits"], tmp_path, pickled, marker, "model_argument")
     nmt = rewrite(trained["nmt"], tmp_path / "nmt.pt",
                   lambda c: c["model"].__setitem__("d_model", numpy_load(pickled)))
@@ -239,7 +239,7 @@ def test_commands_exit_2_naming_checkpoint_key_and_target(run_cli, trained, tmp_
         (["export", f"ckpt={digits[0]}", "format=torchscript", f"out={tmp_path / 'out' / 'm.pt'}"], digits),
         (["translate", f"ckpt={nmt}", "trust=[mypkg,other]"], (nmt, "model.d_model", "numpy.load")),
     ]:
-        done = run_cli(*args, stdin="one\n")
+        done = cli(*args, stdin="one\n")
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
         assert_refused(done.stderr, ckpt, key, target, marker)
@@ -257,7 +257,7 @@ class TinyNet(nn.Sequential):
 '''
 
 
-def test_trust_on_the_command_line_allows_a_users_module(run_cli, compose, tmp_path, monkeypatch):
+def test_trust_on_the_command_line_allows_a_users_module(cli, compose, tmp_path, monkeypatch):
     """A model from the user's own package: refused without trust=[...] (also when the
     checkpoint's stored config trusts it itself), evaluated and exported with it."""
     package = tmp_path / "tk_user_models"
@@ -269,15 +269,15 @@ def test_trust_on_the_command_line_allows_a_users_module(run_cli, compose, tmp_p
     train_model(cfg, run_dir=tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    refused = run_cli("eval", f"ckpt={ckpt}", env=env)
+    refused = cli("eval", f"ckpt={ckpt}", env=env)
     assert refused.returncode == 2
     assert "model._target_=tk_user_models.TinyNet, which is not trusted" in refused.stderr
     assert "add trust=[tk_user_models] to the command line" in refused.stderr
-    allowed = run_cli("eval", f"ckpt={ckpt}", "trust=[tk_user_models]", env=env)
+    allowed = cli("eval", f"ckpt={ckpt}", "trust=[tk_user_models]", env=env)
     assert allowed.returncode == 0, allowed.stderr
     assert '"test/accuracy"' in allowed.stdout
-    exported = run_cli("export", f"ckpt={ckpt}", "format=safetensors", "trust=tk_user_models",
-                       f"out={tmp_path / 'm.safetensors'}", env=env)
+    exported = cli("export", f"ckpt={ckpt}", "format=safetensors", "trust=tk_user_models",
+                   f"out={tmp_path / 'm.safetensors'}", env=env)
     assert exported.returncode == 0, exported.stderr
 
 
@@ -336,11 +336,11 @@ def test_eval_writes_no_tokenizer_cache_where_a_stored_config_says(trained, tmp_
 
 
 # An unwritable export target ---------------------------------------------------------------------
-def test_export_to_an_unwritable_place_is_exit_2_and_leaves_nothing(run_cli, trained, tmp_path):
+def test_export_to_an_unwritable_place_is_exit_2_and_leaves_nothing(cli, trained, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     target = blocker / "sub" / "model.safetensors"
-    done = run_cli("export", f"ckpt={trained['digits']}", "format=safetensors", f"out={target}")
+    done = cli("export", f"ckpt={trained['digits']}", "format=safetensors", f"out={target}")
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("trainkit: error:")]

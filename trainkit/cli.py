@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from trainkit.__about__ import __version__
 from trainkit.commands.config import compose
 from trainkit.commands.failures import guarded
+from trainkit.core import stop
 from trainkit.core.errors import EXIT_USAGE, did_you_mean
 
 __all__ = ["COMMANDS", "USAGE", "compose", "main"]
@@ -59,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     name, args = argv[0], argv[1:]
     if name not in COMMANDS:
         fail(f"unknown command {name!r}{did_you_mean(name, COMMANDS)} (commands: {', '.join(COMMANDS)})")
-    sys.exit(guarded(lambda: load(name)(args)))
+    code = guarded(lambda: load(name)(args))
+    stop.ignore()  # the work is done: a stop request now must not turn its exit code into a signal death
+    sys.exit(code)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:

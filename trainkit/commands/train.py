@@ -19,12 +19,13 @@ from trainkit.commands.config import CONFIG_MODULE
 def run_train(args: list[str]) -> int:
     """Run the Hydra app with ``args`` as its command line (``sys.argv`` is restored after).
     A multirun job that fails is recorded in the sweep's summary; other errors propagate."""
+    from trainkit.core import stop
+
+    stop.install()  # first, before the imports: from now on SIGTERM/SIGUSR1 end the run at its next safe point
     import hydra
 
-    from trainkit.core import stop
     from trainkit.core.schema import register_schema
 
-    stop.install()  # from now on SIGTERM/SIGUSR1 end the run at its next safe point with exit 75
     register_schema()
     app = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(train_job)
     saved_argv = sys.argv

@@ -47,6 +47,15 @@ def install() -> None:
             signal.signal(getattr(signal, name), STOP)
 
 
+def ignore() -> None:
+    """Ignore SIGTERM/SIGUSR1 from now on: a command whose work is done exits with its own code.
+    (While Python shuts down it puts the default action back for any handler but "ignore",
+    and a request that arrived then would kill a finished run with -15.)"""
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @contextmanager
 def stop_signals() -> Iterator[StopRequest]:
     """``STOP`` handles SIGTERM/SIGUSR1 inside the block; the previous handlers come back after."""

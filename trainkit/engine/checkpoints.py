@@ -76,8 +76,8 @@ class CheckpointManager:
     ``parts`` are the stateful objects a checkpoint holds by key (model, optimizer,
     scheduler, scaler), ``callbacks`` each callback by the name its state is kept under,
     ``static`` the entries written unchanged (config, version, data state). Without a
-    ``directory`` nothing is written. Owns ``top_k``, ``lineage`` and ``world_size`` of the
-    run's ``TrainerState``. Every rank calls ``save`` (it gathers every rank's RNG states);
+    ``directory`` nothing is written. Of the run's ``TrainerState`` it changes ``top_k`` (and,
+    on resume, sets ``world_size`` to this run's). Every rank calls ``save`` (it gathers every rank's RNG states);
     rank 0 writes.
     """
 

@@ -28,7 +28,6 @@ STOP_SIGNAL_ENV = "TRAINKIT_STOP_SIGNAL"  # a stop request the parent received b
 AGENT_SIGNALS = ("SIGINT", "SIGHUP", "SIGQUIT")  # torch elastic's agent still handles these itself
 
 
-
 def worker_overrides() -> list[str]:
     """Hydra overrides for torchrun ranks other than 0: no .hydra/ record, no log file."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -141,6 +140,3 @@ def worker(train: Callable[..., Any], config_yaml: str, run_dir: str) -> dict[st
     except TrainkitError as error:
         return {"error": type(error).__name__, "exit_code": error.exit_code, "message": str(error)}
     return result.__dict__ | {"history": result.history}
-
-
-

@@ -6,7 +6,6 @@ device are read once. SIGTERM/SIGUSR1 finish the current step, write last.pt and
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
@@ -35,7 +34,7 @@ from trainkit.schedulers import Schedule
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
 from trainkit.techniques.insight import LayerStats, Profiler
 
-log = logging.getLogger("trainkit")
+
 class Trainer:
     """The training loop for objects a user holds: a model, an optimizer, a loss or a task.
 
@@ -98,7 +97,7 @@ class Trainer:
                             options.profile_warmup_steps, options.profile_active_steps)
         with stop_signals():
             self.stops.raise_if_agreed("before its first step; nothing new to save")
-            while state.stop_reason is None and not self.finished():
+            while state.stop_reason is None and not state.reached(options.max_steps, options.max_epochs):
                 set_epoch(train_loader, state.epoch, state.batch_in_epoch)
                 first_batch, steps_before = state.batch_in_epoch, state.global_step
                 for micro_batches in chunked(train_loader, options.grad_accum_steps):
@@ -146,7 +145,7 @@ class Trainer:
         scaler.unscale_(self.optimizer)
         self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
         self.layer_stats.maybe_log(self.model, self.state.global_step + 1)
-        if self.nonfinite.allows_update(self.grad_norm, scaler.is_enabled(), self.state, self.checkpoints.last_file()):
+        if self.nonfinite.allows_update(self.grad_norm, scaler.is_enabled(), self.state, self.checkpoints.last_file):
             scaler.step(self.optimizer)
             scaler.update()
             for loss_sum, count, terms in losses:
@@ -206,11 +205,6 @@ class Trainer:
         self.logger.log_metrics(metrics, self.state.global_step, self.state.epoch)
         self.logger.step_line(metrics, self.state.global_step, self.state.epoch, self.total_steps)
 
-    def finished(self) -> bool:
-        if self.options.max_steps:
-            return self.state.global_step >= self.options.max_steps
-        return self.state.epoch >= self.options.max_epochs
-
     def call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             method = getattr(callback, hook, None)
@@ -236,6 +230,10 @@ class Trainer:
     def load_checkpoint(self, source: str | Path | dict[str, Any], path: str | Path | None = None) -> None:
         """Continue from a checkpoint (a file, or its loaded dict read from ``path``)."""
         self.state = self.checkpoints.resume(source, path)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write a resumable checkpoint to ``path`` (main rank only; atomic)."""
+        return self.checkpoints.write(path, self.state)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

@@ -3,14 +3,10 @@ logging window and once per epoch (one all-reduce each under DDP)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from trainkit.core.devices import peak_memory_mb
 from trainkit.core.ranks import Dist
-
-log = logging.getLogger("trainkit")
 
 
 class LossMeter:
@@ -98,6 +94,3 @@ def total(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not values:
         return torch.zeros((), dtype=torch.float64, device=device)
     return torch.stack(values).to(device=device, dtype=torch.float64).sum()
-
-
-

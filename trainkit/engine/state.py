@@ -22,3 +22,7 @@ class TrainerState:
     skipped_steps: int = 0  # updates dropped under nan_policy=skip
     consecutive_skips: int = 0
     lineage: str = ""  # one id for a run and every resumed continuation of it: best.pt must carry ours
+
+    def reached(self, max_steps: int | None, max_epochs: int) -> bool:
+        """Whether training is done: ``max_steps`` optimizer steps when set, else ``max_epochs``."""
+        return self.global_step >= max_steps if max_steps else self.epoch >= max_epochs

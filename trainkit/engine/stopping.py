@@ -10,6 +10,7 @@ step on every rank together (``dist.any``), with a resumable last.pt; the run th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,13 +61,14 @@ class NonFinitePolicy:
         self.options, self.logger = options, logger
 
     def allows_update(self, grad_norm: torch.Tensor, scaler_checks: bool, state: TrainerState,
-                      last: Path | None) -> bool:
+                      last_checkpoint: Callable[[], Path | None]) -> bool:
         """fp16's scaler checks (and skips) by itself; otherwise the norm is read: free on CPU,
         where no sync exists, and a 4-byte read per step on an accelerator (as GradScaler does).
-        ``last`` is the last good checkpoint, named when the run stops."""
+        ``last_checkpoint`` gives the last good checkpoint, named when the run stops."""
         if scaler_checks or math.isfinite(float(grad_norm)):
             state.consecutive_skips = 0
             return True
+        last = last_checkpoint()
         where = f"non-finite loss or gradient at step {state.global_step + 1} (epoch {state.epoch})"
         if self.options.nan_policy == "error":
             raise TrainingFailed(f"{where}; the update was not applied. Last good checkpoint: {last or 'none yet'} "

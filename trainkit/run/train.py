@@ -70,8 +70,8 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
         with stop_signals():  # a SIGTERM from here on stops the run at the next safe point (exit 75)
             if dist.is_main:
                 check_writable(run_dir)
-            trainer, data = build_trainer(cfg, dist, run_dir)
             resume = find_resume(cfg.resume, run_dir)
+            trainer, data = build_trainer(cfg, dist, run_dir)
             if resume is not None:
                 trainer.load_checkpoint(resume[1], path=resume[0])
             try:
