@@ -1,19 +1,36 @@
-"""Evaluation metrics kept as sums, so they are exact across ranks with one all-reduce.
+"""Evaluation metrics, exact across ranks: trainkit's own, kept as sums, and any torchmetrics
+metric named by ``_target_``.
 
-Each metric holds a float64 vector of sufficient statistics (correct and total counts,
-per-class true/false positives, sums of errors and squares), adds each batch's statistics
-on the device, and turns the sums into a value once at ``compute()``. Under
+Each of trainkit's own metrics holds a float64 vector of sufficient statistics (correct and
+total counts, per-class true/false positives, sums of errors and squares), adds each batch's
+statistics on the device, and turns the sums into a value once at ``compute()``. Under
 torch.distributed the sums of every rank are added first: the result equals one process
-evaluating every sample, never a mean of per-rank means.
+evaluating every sample, never a mean of per-rank means. They serve the short names
+(``accuracy``, ``f1_macro``, ``mse``, ...) because importing torchmetrics costs about 1.3 s
+(scipy and matplotlib come with it; BENCHMARKS.md "Start-up").
+
+``build_metric`` turns a ``_target_`` node into a metric at the first evaluation that uses
+it, so torchmetrics is never imported at start-up. It accepts only metrics that are exact
+across ranks: a ``torchmetrics.Metric`` (its ``compute()`` gathers or sums the states of every
+rank) or one of the classes here.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from trainkit.core.errors import ConfigError
+from trainkit.core.errors import ConfigError, did_you_mean
 from trainkit.core.ranks import sum_over_ranks
+
+# What ``torchmetrics.Metric.__init__`` takes through the ``**kwargs`` of every metric class
+# (torchmetrics 1.x); a metric's own arguments come from its signature.
+TORCHMETRICS_KWARGS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
+                       "distributed_available_fn", "sync_on_compute", "compute_with_cache")
 
 
 class SumMetric:
@@ -25,6 +42,9 @@ class SumMetric:
     def to(self, device: torch.device | str) -> SumMetric:
         self.state = self.state.to(device)
         return self
+
+    def reset(self) -> None:
+        self.state.zero_()
 
     def update(self, output: Tensor, targets: Tensor) -> None:
         self.state += self.statistics(output.detach(), targets)
@@ -125,3 +145,52 @@ class Mean(SumMetric):
 
     def value(self, state: Tensor) -> Tensor:
         return state[0] / state[1].clamp(min=1)
+
+
+def torchmetrics_metric(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torchmetrics.Metric`` class or instance; never imports torchmetrics
+    (an object of it exists only once it has been imported)."""
+    module = sys.modules.get("torchmetrics")
+    if module is None:
+        return False
+    return issubclass(obj, module.Metric) if isinstance(obj, type) else isinstance(obj, module.Metric)
+
+
+def build_metric(node: Mapping[str, Any], path: str, runtime: Mapping[str, Any]) -> Any:
+    """The metric a ``_target_`` node names (importing its module, e.g. torchmetrics, now),
+    built by ``trainkit.core.builder.instantiate``: ``runtime`` values (``num_classes``, ...) fill
+    the arguments the target names and the node leaves out. An unknown key is a ConfigError
+    naming the closest argument, also for torchmetrics classes (whose ``**kwargs`` go to
+    ``Metric``). Only a ``torchmetrics.Metric`` or a ``SumMetric`` is accepted, with
+    ``sync_on_compute`` left on: anything else would report one rank's shard under DDP."""
+    from omegaconf import OmegaConf
+
+    from trainkit.core.builder import HYDRA_KEYS, accepted, instantiate, resolve_target
+
+    config = OmegaConf.create(dict(node))
+    target = resolve_target(config, path)
+    params, _ = accepted(target)
+    if torchmetrics_metric(target):
+        known = [*params, *TORCHMETRICS_KWARGS]
+        for key in config:
+            if key not in HYDRA_KEYS and key not in known:
+                raise ConfigError(f"{path}.{key}: not an argument of {config._target_}"
+                                  f"{did_you_mean(str(key), known, f'{path}.')}")
+    metric = instantiate(config, path, {key: value for key, value in runtime.items() if key in params})
+    if not (isinstance(metric, SumMetric) or torchmetrics_metric(metric)):
+        raise ConfigError(f"{path}: {config._target_} gave a {type(metric).__name__}, not a torchmetrics.Metric; "
+                          "only those (and trainkit.metrics classes) are exact across ranks")
+    if getattr(metric, "sync_on_compute", True) is False:
+        raise ConfigError(f"{path}.sync_on_compute=false: under DDP each rank would report only its own "
+                          f"shard; remove the key (~{path}.sync_on_compute)")
+    return metric
+
+
+def metric_value(metric: Any, path: str) -> float:
+    """``metric.compute()`` as one float (under DDP every rank must call it: it syncs)."""
+    value = metric.compute()
+    if (isinstance(value, Tensor) and value.numel() == 1) or isinstance(value, (int, float)):
+        return float(value)
+    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+    raise ConfigError(f"{path}: compute() gave {shape}, not one number; choose arguments that reduce it "
+                      "to one (for example average: macro)")

@@ -155,7 +155,7 @@ def check_trusted(cfg: Any, source: str, trust: Sequence[str] = ()) -> None:
 def stored_targets(node: Any, key: str, source: str) -> Iterator[tuple[str, Any]]:
     """(key, ``_target_`` value) of every node in a plain config tree, depth first."""
     if isinstance(node, dict):
-        if "_target_" in node:
+        if node.get("_target_") is not None:  # null builds nothing (data=dataset's absent splits)
             yield key, node["_target_"]
         for name, child in node.items():
             yield from stored_targets(child, f"{key}.{name}" if key else str(name), source)

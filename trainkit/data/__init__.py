@@ -1,6 +1,8 @@
 """Built-in data sets; each builds loaders whose batch plans resume exactly."""
 
 from trainkit.data.arrays import ArrayData
+from trainkit.data.dataset import DatasetData as DatasetData  # data=dataset
+from trainkit.data.table import TableData as TableData  # data=table
 
 __all__ = ["ArrayData", "TranslationData", "TsvTranslationData"]
 

@@ -8,13 +8,14 @@ and DDP equal to one large batch, whatever the batch lengths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from trainkit.core.errors import ConfigError
+from trainkit.core.errors import ConfigError, did_you_mean
+from trainkit.metrics import build_metric, metric_value
 
 
 def first_tensor(batch: Any) -> Tensor:
@@ -65,20 +66,66 @@ class Task:
         return None
 
 
+def metric_specs(metrics: Any, short_names: Sequence[str], kind: str) -> dict[str, Any]:
+    """``task.metrics`` as ``{name: short name or _target_ node}``, in order. Accepted: a list
+    whose items are short names or mappings ``{name: node}``, or one mapping ``{name: node}``;
+    a node is a short name, a mapping with a ``_target_``, or null (left out). Raises
+    ConfigError for an unknown short name (naming the closest), a repeated name, or a node
+    without a ``_target_``."""
+    if isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
+        items = [pair for item in metrics for pair in (item.items() if isinstance(item, Mapping) else [(item, item)])]
+    else:
+        raise ConfigError(f"task.metrics={metrics!r}: expected a list of names (e.g. [{short_names[0]}]) "
+                          "or a mapping of names to metrics")
+    specs: dict[str, Any] = {}
+    for name, spec in items:
+        path = f"task.metrics.{name}"
+        if name in specs:
+            raise ConfigError(f"{path}: named twice; give each metric its own name")
+        if isinstance(spec, str) and spec not in short_names:
+            raise ConfigError(f"task.metrics: unknown {kind} metric {spec!r}{did_you_mean(spec, short_names)}; choose "
+                              f"from {list(short_names)} or name a torchmetrics class, e.g. "
+                              "{auroc: {_target_: torchmetrics.classification.MulticlassAUROC}}")
+        if spec is not None and not isinstance(spec, str) and not (
+                isinstance(spec, Mapping) and isinstance(spec.get("_target_"), str)):
+            raise ConfigError(f"{path}: expected a short name ({', '.join(short_names)}), a node with a "
+                              f"_target_ naming a metric class, or null (got {spec!r})")
+        if spec is not None:
+            specs[str(name)] = spec if isinstance(spec, str) else dict(spec)
+    return specs
+
+
 class MetricsMixin:
-    """Named metrics (``trainkit.metrics``), summed across ranks when computed."""
+    """Named metrics, each exact across ranks. A short name is one of trainkit's own
+    (``short_metric``: sums, made afresh for every evaluation, all-reduced at compute). A
+    ``_target_`` node (a torchmetrics class) is built once, at the first evaluation, so its
+    library is imported only then, with ``metric_runtime`` filling the arguments the data
+    decides; it is reset before each later evaluation and syncs its own states at compute."""
 
-    metric_names: Sequence[str] = ()
+    metric_specs: Mapping[str, Any] = {}  # name -> short name | _target_ node (``metric_specs()``)
+    metric_runtime: Mapping[str, Any] = {}  # e.g. num_classes, offered to _target_ metrics
 
-    def make_metrics(self) -> dict[str, Any]:
+    def short_metric(self, short_name: str) -> Any:
         raise NotImplementedError
 
     def eval_start(self, device: torch.device) -> None:
-        self.metrics = {name: metric.to(device) for name, metric in self.make_metrics().items()}
+        built = self.__dict__.setdefault("built_metrics", {})
+        self.metrics = {}
+        for name, spec in self.metric_specs.items():
+            if isinstance(spec, str):
+                metric = self.short_metric(spec)
+            else:
+                if name not in built:
+                    built[name] = build_metric(spec, f"task.metrics.{name}", self.metric_runtime)
+                metric = built[name]
+                metric.reset()
+            self.metrics[name] = metric.to(device)
 
     def eval_metrics(self, loss: float) -> dict[str, float]:
-        # .compute() sums the metric state over ranks under DDP (exact, no mean of means).
-        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
+        # Every rank computes every metric in the same order: compute() is a collective under DDP.
+        return {name: metric_value(metric, f"task.metrics.{name}") for name, metric in self.metrics.items()}
 
 
 class ModelLossTask(Task):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from trainkit.core.errors import ConfigError
 from trainkit.core.precision import widened
 from trainkit.losses import loss_and_terms
-from trainkit.tasks.base import MetricsMixin, Task
+from trainkit.tasks.base import MetricsMixin, Task, metric_specs
 
 
 def use_sum_reduction(loss_fn: Callable) -> Callable:
@@ -45,6 +44,8 @@ class SupervisedTask(Task):
             metric.update(output, targets)
 
 
+# task.metrics: short names and/or {name: _target_ node} mappings, or one mapping (metric_specs).
+Metrics = Sequence[str | Mapping[str, Any]] | Mapping[str, Any]
 METRICS = {"classification": ("accuracy", "f1_macro", "top5_accuracy"), "regression": ("mse", "mae", "r2")}
 
 
@@ -66,37 +67,40 @@ def make_metric(name: str, num_classes: int | None, num_outputs: int = 1) -> Any
 class _NamedMetricsTask(MetricsMixin, SupervisedTask):
     kind = ""
 
-    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = (), num_classes: int | None = None,
+    def __init__(self, loss_fn: Callable, metrics: Metrics = (), num_classes: int | None = None,
                  num_outputs: int = 1):
         super().__init__(loss_fn)
-        unknown = [name for name in metrics if name not in METRICS[self.kind]]
-        if unknown:
-            raise ConfigError(f"task.metrics: unknown {self.kind} metric {unknown[0]!r}; choose from {list(METRICS[self.kind])}")
-        self.metric_names = list(metrics)
+        self.metric_specs = metric_specs(metrics, METRICS[self.kind], self.kind)
         self.num_classes, self.num_outputs = num_classes, num_outputs
 
-    def make_metrics(self) -> dict[str, Any]:
-        return {name: make_metric(name, self.num_classes, self.num_outputs) for name in self.metric_names}
+    def short_metric(self, short_name: str) -> Any:
+        return make_metric(short_name, self.num_classes, self.num_outputs)
 
 
 class ClassificationTask(_NamedMetricsTask):
-    """Cross-entropy on class logits; metrics by name: accuracy, f1_macro, top5_accuracy."""
+    """Cross-entropy on class logits; metrics by short name (accuracy, f1_macro, top5_accuracy)
+    or by ``_target_`` (torchmetrics), which are offered ``num_classes`` and ``task="multiclass"``
+    and updated with the logits and the class ids."""
 
     kind = "classification"
 
-    def __init__(self, loss_fn: Callable, num_classes: int, metrics: Sequence[str] = ("accuracy",)):
+    def __init__(self, loss_fn: Callable, num_classes: int, metrics: Metrics = ("accuracy",)):
         super().__init__(loss_fn, metrics, num_classes)
+        self.metric_runtime = {"num_classes": num_classes, "task": "multiclass"}
 
     def update_metrics(self, output: Tensor, targets: Tensor) -> None:
         super().update_metrics(widened(output), targets)
 
 
 class RegressionTask(_NamedMetricsTask):
-    """Real-valued targets (MSE loss); metrics by name: mse, mae, r2."""
+    """Real-valued targets (MSE loss); metrics by short name (mse, mae, r2) or by ``_target_``
+    (torchmetrics), updated with the outputs and targets (one value per sample when there is
+    one output). Those are offered no ``num_outputs``: in torchmetrics it makes a metric give
+    one value per output column, and a metric here reports one number."""
 
     kind = "regression"
 
-    def __init__(self, loss_fn: Callable, metrics: Sequence[str] = ("mse",), out_features: int = 1):
+    def __init__(self, loss_fn: Callable, metrics: Metrics = ("mse",), out_features: int = 1):
         super().__init__(loss_fn, metrics, num_outputs=out_features)
 
     def count(self, batch: Any) -> int:
