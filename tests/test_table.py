@@ -210,3 +210,25 @@ def test_the_table_preset_learns(compose, tmp_path):
                    "logging.tensorboard=false"])
     result = train_model(cfg, run_dir=tmp_path / "run")
     assert result.metrics["val/accuracy"] > 0.85 and "test/accuracy" in result.test
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_double_batch_and_see_every_validation_sample_once(cli, tmp_path):
+    # 160 training rows: 2 ranks x 8 equal one process x 16, step for step (no shuffling,
+    # float64); 37 validation rows: uneven shards over 2 ranks, each row evaluated once.
+    train = write(synthetic(160, seed=1), tmp_path / "train.parquet")
+    valid = write(synthetic(37, seed=2), tmp_path / "valid.csv")
+    common = ["train", "data=table", f"data.train_path={train}", f"data.valid_path={valid}", "data.target=label",
+              "data.categorical=[color]", "data.shuffle=false", "model.dropout=0", "model.hidden_sizes=[16]",
+              "trainer.max_epochs=2", "precision=fp64", "logging.tensorboard=false"]
+    out = cli(*common, "data.batch_size=8", "distributed.nproc_per_node=2", "hydra.run.dir=outputs/ddp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = cli(*common, "data.batch_size=16", "hydra.run.dir=outputs/single")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(load_weights(tmp_path / "outputs/ddp/checkpoints/last.pt"),
+                        load_weights(tmp_path / "outputs/single/checkpoints/last.pt"), atol=1e-10)
+    finals = [json.loads((tmp_path / f"outputs/{name}/result.json").read_text())["final"] for name in ("ddp", "single")]
+    assert finals[0].keys() == finals[1].keys() and "val/accuracy" in finals[1], finals
+    for key, value in finals[1].items():
+        assert finals[0][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
