@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainkit.core.errors import ConfigError
-from trainkit.data.sampler import FixedBatches
+from trainkit.data.sampler import SplitLoading
 
 FILES = Path(__file__).parent / "files"
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -70,10 +70,7 @@ class ArrayData:
             raise ConfigError(f"data: {file} has no training rows (split == 0)")
         self.num_features = features[0].numel()
         self.num_outputs = int(targets.max()) + 1 if self.classification else targets.shape[1]
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                   persistent_workers=num_workers > 0)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.loading = SplitLoading(batch_size, shuffle, num_workers, pin_memory, seed, rank, world_size)
 
     def runtime_kwargs(self) -> dict:
         """What models, losses and tasks may need to know about this data."""
@@ -85,13 +82,4 @@ class ArrayData:
     def loader(self, split: str) -> DataLoader | None:
         """A loader over one split (None if the data has no such split)."""
         dataset = self.splits.get(split)
-        if dataset is None:
-            return None
-        training = split == "train"
-        plan = FixedBatches(len(dataset), self.batch_size, seed=self.seed,
-                            shuffle=self.shuffle and training, rank=self.rank,
-                            world_size=self.world_size, even=training)
-        # batch_size=None: the plan yields whole index lists and the dataset returns batches.
-        # A private generator keeps DataLoader's worker seeding off the global RNG.
-        return DataLoader(dataset, sampler=plan, batch_size=None, generator=torch.Generator(),
-                          **self.loader_options)
+        return self.loading.fixed(dataset, split) if dataset is not None else None

@@ -22,14 +22,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as torch_default_collate
 
 from trainkit.core.builder import HYDRA_KEYS, check_node, instantiate, resolve_target
 from trainkit.core.errors import ConfigError, ConfigErrors
-from trainkit.data.sampler import FixedBatches
+from trainkit.data.sampler import SplitLoading
 
 
 def as_node(spec: Any, path: str, example: str) -> DictConfig | None:
@@ -129,10 +128,8 @@ class DatasetData:
                               "arguments as +data.train.KEY=VALUE)")
         self.collate_fn = build_collate(collate_fn)
         self.runtime = offered_by(self.splits["train"])
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                   persistent_workers=num_workers > 0)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = drop_last
+        self.loading = SplitLoading(batch_size, shuffle, num_workers, pin_memory, seed, rank, world_size)
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """The training dataset's own ``runtime_kwargs()``, or nothing."""
@@ -144,10 +141,4 @@ class DatasetData:
         dataset = self.splits.get(split)
         if dataset is None:
             return None
-        training = split == "train"
-        plan = FixedBatches(len(dataset), self.batch_size, drop_last=self.drop_last and training,
-                            seed=self.seed, shuffle=self.shuffle and training, rank=self.rank,
-                            world_size=self.world_size, even=training)
-        # A private generator keeps DataLoader's worker seeding off the global RNG.
-        return DataLoader(dataset, batch_sampler=plan, collate_fn=self.collate_fn, generator=torch.Generator(),
-                          **self.loader_options)
+        return self.loading.fixed(dataset, split, self.drop_last, self.collate_fn)

@@ -8,10 +8,12 @@ draws from the global RNG (a private generator seeded by (seed, epoch) shuffles)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 log = logging.getLogger("trainkit")
 
@@ -137,3 +139,42 @@ def set_epoch(loader: Iterable, epoch: int, start: int) -> None:
         plan.set_epoch(epoch)  # a DistributedSampler: exact only at epoch boundaries
         if start:
             log.warning("resuming mid-epoch with a sampler that cannot skip batches: epoch %d restarts", epoch)
+
+
+@dataclass
+class SplitLoading:
+    """How every data set turns one split into a loader: a batch plan (seeded, sharded by rank,
+    shuffled for training only; evaluation plans give each batch to one rank, so every sample
+    is evaluated once) and a DataLoader (``data.num_workers``, ``data.pin_memory``)."""
+
+    batch_size: int = 64
+    shuffle: bool = True
+    num_workers: int = 0
+    pin_memory: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def plan_options(self, split: str) -> dict[str, Any]:
+        """The keyword arguments of a ``BatchPlan`` for ``split``."""
+        training = split == "train"
+        return dict(seed=self.seed, shuffle=self.shuffle and training, rank=self.rank,
+                    world_size=self.world_size, even=training)
+
+    def fixed(self, dataset: Any, split: str, drop_last: bool = False,
+              collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+        """``batch_size`` samples per batch (``drop_last`` drops a short last training batch)."""
+        plan = FixedBatches(len(dataset), self.batch_size, drop_last=drop_last and split == "train",
+                            **self.plan_options(split))
+        return self.loader(dataset, plan, collate_fn)
+
+    def loader(self, dataset: Any, plan: BatchPlan, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+        """A DataLoader in the order of ``plan``. Without ``collate_fn`` the dataset takes a whole
+        index list and returns the batch (one indexing call per batch); with one, the dataset
+        returns one sample per index and ``collate_fn`` makes the batch. A private generator
+        keeps DataLoader's worker seeding off the global RNG."""
+        common = dict(generator=torch.Generator(), num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0)
+        if collate_fn is None:
+            return DataLoader(dataset, sampler=plan, batch_size=None, **common)
+        return DataLoader(dataset, batch_sampler=plan, collate_fn=collate_fn, **common)

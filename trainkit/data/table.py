@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from trainkit.core.errors import ConfigError, did_you_mean
-from trainkit.data.arrays import FILES, ArrayData, TensorBatches
+from trainkit.data.arrays import FILES, TensorBatches
+from trainkit.data.sampler import SplitLoading
 
 SPLIT_COLUMN = "split"
 SPLITS = ("train", "val", "test")
@@ -368,8 +370,6 @@ class TableData:
     learning with what the training run learned.
     """
 
-    loader = ArrayData.loader  # the same batch plans: exact resume, every eval row once under DDP
-
     def __init__(self, train_path: str | None, target: str, valid_path: str | None = None, test_path: str | None = None,
                  features: list[str] | None = None, categorical: list[str] = (), val_fraction: float | None = None,
                  test_fraction: float | None = None, standardize: bool = True, batch_size: int = 64,
@@ -388,10 +388,12 @@ class TableData:
             chosen = choose_features(parts, target, features, categorical)
             self.encoding = Encoding.learn(parts["train"], target, chosen, categorical, standardize, task)
         self.splits = {split: TensorBatches(*self.encoding.encode(part)) for split, part in parts.items()}
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                   persistent_workers=num_workers > 0)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.loading = SplitLoading(batch_size, shuffle, num_workers, pin_memory, seed, rank, world_size)
+
+    def loader(self, split: str) -> DataLoader | None:
+        """A loader over one split (None if the table has no such split)."""
+        dataset = self.splits.get(split)
+        return self.loading.fixed(dataset, split) if dataset is not None else None
 
     @property
     def classification(self) -> bool:

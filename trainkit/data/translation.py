@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainkit.core.errors import ConfigError
-from trainkit.data.sampler import FixedBatches, TokenBatches
+from trainkit.data.sampler import SplitLoading, TokenBatches
 from trainkit.data.tokenizers import Tokenizer, tokenizer_from_state, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,8 @@ class TranslationData:
             self.tokenizer = train_tokenizer([*sources, *targets], kind=tokenizer, vocab_size=vocab_size,
                                              cache_dir=Path(cache) / "tokenizers")
         self.splits = {split: self.encode(split, *pair, max_len) for split, pair in texts.items()}
-        self.max_tokens, self.batch_size, self.shuffle = max_tokens, batch_size, shuffle
-        self.loader_options = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                   persistent_workers=num_workers > 0)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.max_tokens = max_tokens
+        self.loading = SplitLoading(batch_size, shuffle, num_workers, pin_memory, seed, rank, world_size)
         longest = max(self.splits["train"].lengths())
         if max_tokens is not None and longest > max_tokens:
             raise ConfigError(f"data.max_tokens={max_tokens} is smaller than the longest training pair "
@@ -157,15 +155,10 @@ class TranslationData:
         dataset = self.splits.get(split)
         if dataset is None:
             return None
-        training = split == "train"
-        common = dict(seed=self.seed, shuffle=self.shuffle and training, rank=self.rank,
-                      world_size=self.world_size, even=training)
-        if self.max_tokens is not None:
-            plan = TokenBatches(dataset.lengths(), self.max_tokens, **common)
-        else:
-            plan = FixedBatches(len(dataset), self.batch_size, **common)
-        return DataLoader(dataset, sampler=plan, batch_size=None, generator=torch.Generator(),
-                          **self.loader_options)
+        if self.max_tokens is None:
+            return self.loading.fixed(dataset, split)
+        plan = TokenBatches(dataset.lengths(), self.max_tokens, **self.loading.plan_options(split))
+        return self.loading.loader(dataset, plan)
 
 
 class TsvTranslationData(TranslationData):
