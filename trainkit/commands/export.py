@@ -1,5 +1,6 @@
 """``trainkit export``: a trained model outside trainkit, as safetensors, TorchScript or ONNX,
-or as a plain checkpoint with LoRA adapters merged in (``format=merged``).
+as a plain checkpoint with LoRA adapters merged in (``format=merged``), or, for ``model=hf``,
+as a folder ``transformers`` loads with ``from_pretrained`` (``format=hf``).
 
 The model is rebuilt from the config stored in the checkpoint (read with
 ``weights_only=True``, every ``_target_`` in it trusted first, see
@@ -49,7 +50,7 @@ from trainkit.core.errors import ConfigError, TrainkitError
 
 log = logging.getLogger("trainkit")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx",
-              "merged": ".merged.pt"}
+              "merged": ".merged.pt", "hf": ".hf"}
 ONNX_HINT = 'pip install "trainkit[onnx]"'
 
 
@@ -81,6 +82,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,
         draft = folder / target.name
         if fmt == "merged":
             written = [write_merged(model, cfg, state, ckpt, draft)]
+        elif fmt == "hf":
+            written = [write_hf(model, cfg, state, draft)]
         else:
             {"safetensors": write_safetensors, "torchscript": write_torchscript, "onnx": write_onnx}[fmt](model, draft)
             written = [draft, *write_sidecars(cfg, state, sidecar_base(draft, fmt))]
@@ -157,6 +160,11 @@ def output_path(ckpt: str | Path, fmt: str, out: str | Path | None) -> Path:
     target = Path(out) if out else source.with_name(source.stem + EXTENSIONS[fmt])
     if target.resolve() == source.resolve():
         raise ConfigError(f"export: out={target} is the checkpoint itself; choose another path")
+    if fmt == "hf":
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ConfigError(f"export: out={target} exists; format=hf writes a new folder, give a path that "
+                              "does not exist (or an empty folder)")
+        return target
     if target.is_dir():
         raise ConfigError(f"export: out={target} is a folder; give a file path such as "
                           f"out={target / (source.stem + EXTENSIONS[fmt])}")
@@ -176,7 +184,7 @@ def write_sidecars(cfg: Any, state: dict[str, Any], base: Path) -> list[Path]:
     written = [base.with_name(base.name + ".yaml")]
     written[0].write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tokenizer = (state.get("data") or {}).get("tokenizer")
-    if tokenizer is not None:
+    if tokenizer is not None and tokenizer.get("kind") != "hf":  # a Hugging Face one goes with format=hf
         if isinstance(tokenizer.get("model"), bytes):  # bpe/unigram: a sentencepiece model file
             path = base.with_name(base.name + ".tokenizer.model")
             path.write_bytes(tokenizer["model"])
@@ -255,6 +263,27 @@ def write_merged(model: nn.Module, cfg: Any, state: dict[str, Any], ckpt: str | 
     if state.get("data"):
         merged["data"] = state["data"]
     return checkpoint.save(merged, target)
+
+
+def write_hf(model: nn.Module, cfg: Any, state: dict[str, Any], target: Path) -> Path:
+    """A folder ``transformers`` loads with ``from_pretrained``: the model (``config.json``,
+    ``model.safetensors``), its tokenizer when it is a Hugging Face one, and trainkit's config
+    (``trainkit.yaml``) with a trainkit tokenizer's file beside it otherwise."""
+    from trainkit.data.tokenizers import tokenizer_from_state
+
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"export format=hf: the checkpoint's model is a {type(model).__name__}, not a Hugging "
+                          "Face model (model=hf); use format=safetensors, torchscript or onnx")
+    target.mkdir()
+    model.save_pretrained(target)
+    tokenizer = (state.get("data") or {}).get("tokenizer")
+    if tokenizer is not None and tokenizer.get("kind") == "hf":
+        try:
+            tokenizer_from_state(tokenizer).save_pretrained(target)
+        except ValueError as error:
+            raise ConfigError(f"export: the checkpoint's tokenizer cannot be read: {error}") from None
+    write_sidecars(cfg, state, target / "trainkit")
+    return target
 
 
 # Inputs and checks ------------------------------------------------------------------------------

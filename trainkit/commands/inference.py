@@ -30,7 +30,7 @@ from trainkit.core.devices import resolve_device
 from trainkit.core.errors import ConfigError
 from trainkit.engine.loop import Trainer
 from trainkit.run.build import build
-from trainkit.techniques.rebuild import apply_overrides, localize, rebuild_model
+from trainkit.techniques.rebuild import apply_overrides, localize, model_runtime, rebuild_model
 
 log = logging.getLogger("trainkit")
 
@@ -89,7 +89,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", device: str = "cp
     if cfg.get("finetune") is None and "init_from" in cfg:
         cfg.init_from = None  # the checkpoint holds every weight; only LoRA needs its base
     localize(cfg, state, path, "eval", ("data", "loss"), overrides)
-    parts = build(cfg, cfg.seed, data_state=state.get("data"))
+    parts = build(cfg, cfg.seed, data_state=state.get("data"), stored=model_runtime(state, cfg, path))
     loader = parts.data.loader(split)
     if loader is None:
         raise ConfigError(f"eval: the data of this checkpoint has no {split!r} split")
@@ -126,7 +126,7 @@ def translate_lines(model: torch.nn.Module, tokenizer: Any, lines: list[str], be
                     device: torch.device | None = None) -> list[str]:
     """Translations in input order; empty lines stay empty. Sorted by length to batch tightly."""
     from trainkit.data.translation import pad
-    from trainkit.models.decoding import beam_search, greedy_decode
+    from trainkit.models.decoding import decode_batch
 
     limit = model.max_len - 1
     encoded = {i: tokenizer.encode(line)[: limit - 1] + [tokenizer.eos_id] for i, line in enumerate(lines) if line.strip()}
@@ -136,10 +136,7 @@ def translate_lines(model: torch.nn.Module, tokenizer: Any, lines: list[str], be
         rows = order[start : start + batch_size]
         src = pad([encoded[i] for i in rows], tokenizer.pad_id).to(device or "cpu")
         length = min(limit, max_len or 2 * src.shape[1] + 10)
-        if beam > 1:
-            ids = beam_search(model, src, tokenizer.bos_id, tokenizer.eos_id, beam, length, length_penalty)
-        else:
-            ids = greedy_decode(model, src, tokenizer.bos_id, tokenizer.eos_id, length)
+        ids = decode_batch(model, src, tokenizer.bos_id, tokenizer.eos_id, beam, length, length_penalty)
         for row, hypothesis in zip(rows, ids):
             out[row] = tokenizer.decode(hypothesis)
     return out

@@ -4,7 +4,7 @@ from trainkit.data.arrays import ArrayData
 from trainkit.data.dataset import DatasetData as DatasetData  # data=dataset
 from trainkit.data.table import TableData as TableData  # data=table
 
-__all__ = ["ArrayData", "TranslationData", "TsvTranslationData"]
+__all__ = ["ArrayData", "TextData", "TranslationData", "TsvTranslationData"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from trainkit.data import translation
 
         return getattr(translation, name)
+    if name == "TextData":  # data=text (imported when used: it reaches for transformers)
+        from trainkit.data import text
+
+        return text.TextData
     raise AttributeError(name)

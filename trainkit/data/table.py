@@ -61,6 +61,8 @@ def read_table(path: str, key: str) -> Part:
     import pyarrow as pa
 
     file = Path(path)
+    if file.is_dir():
+        return Part(str(path), key, *saved_dataset(file, key))
     kind = FORMATS.get(file.suffix.lower())
     if kind is None:
         raise ConfigError(f"data.{key}={path}: unknown file type {file.suffix or '(none)'!r}; "
@@ -75,6 +77,41 @@ def read_table(path: str, key: str) -> Part:
     if table.num_rows == 0:
         raise ConfigError(f"data.{key}={path}: the table has no rows")
     return Part(str(path), key, table, np.arange(1, table.num_rows + 1))
+
+
+def saved_dataset(folder: Path, key: str) -> tuple[Any, np.ndarray]:
+    """(pyarrow table, row numbers) of a folder written by ``datasets``' ``save_to_disk``. A
+    ``DatasetDict`` becomes one table with a ``split`` column (its ``validation`` split as
+    ``val``), so it divides as a file with that column does."""
+    import pyarrow as pa
+
+    if not (folder / "dataset_dict.json").is_file() and not (folder / "state.json").is_file():
+        raise ConfigError(f"data.{key}={folder}: a folder, but not one saved by the datasets library "
+                          "(no state.json or dataset_dict.json)")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"data.{key}={folder}: reading a saved dataset needs the datasets package: "
+                          'pip install "trainkit[hf]"') from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError, FileNotFoundError) as error:
+        raise ConfigError(f"data.{key}={folder}: cannot be read as a saved dataset: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+        unknown = [name for name in loaded if name not in names]
+        if unknown:
+            raise ConfigError(f"data.{key}={folder}: its split {unknown[0]!r} is not train, validation or test")
+        tables = [loaded[name].data.table.append_column(SPLIT_COLUMN, pa.array([names[name]] * loaded[name].num_rows))
+                  for name in loaded]
+        table = pa.concat_tables(tables)
+        rows = np.concatenate([np.arange(1, loaded[name].num_rows + 1) for name in loaded])
+    else:
+        table = loaded.data.table
+        rows = np.arange(1, table.num_rows + 1)
+    if table.num_rows == 0:
+        raise ConfigError(f"data.{key}={folder}: the dataset has no rows")
+    return table, rows
 
 
 def read_format(file: Path, kind: str) -> Any:
@@ -321,16 +358,7 @@ class Encoding:
         return torch.from_numpy(np.concatenate(blocks, axis=1)), self.targets(part)
 
     def targets(self, part: Part) -> torch.Tensor:
-        if self.classes is None:
-            values = numbers(part, self.target, "a regression target must be numbers (or use task=classification)")
-            return torch.from_numpy(values.astype(np.float32)[:, None])
-        codes = codes_of(part, self.target, self.classes)
-        unknown = np.flatnonzero(codes < 0)
-        if len(unknown):
-            value = strings(part, self.target)[int(unknown[0])].as_py()
-            raise ConfigError(f"{part.where(self.target, unknown[0])} holds the label {value!r}, which no training "
-                              f"row has (classes: {', '.join(self.classes[:20])})")
-        return torch.from_numpy(codes)
+        return target_values(part, self.target, self.classes)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Encoding:
@@ -338,6 +366,21 @@ class Encoding:
             return cls(**state)
         except TypeError as error:
             raise ConfigError(f"data: the checkpoint's table state does not fit this trainkit: {error}") from None
+
+
+def target_values(part: Part, target: str, classes: list[str] | None) -> torch.Tensor:
+    """Class ids (int64 [rows]) of the names in ``classes``, or numbers (float32 [rows, 1]) when
+    ``classes`` is None; a label no training row had is a ``ConfigError``."""
+    if classes is None:
+        values = numbers(part, target, "a regression target must be numbers (or use task=classification)")
+        return torch.from_numpy(values.astype(np.float32)[:, None])
+    codes = codes_of(part, target, classes)
+    unknown = np.flatnonzero(codes < 0)
+    if len(unknown):
+        value = strings(part, target)[int(unknown[0])].as_py()
+        raise ConfigError(f"{part.where(target, unknown[0])} holds the label {value!r}, which no training "
+                          f"row has (classes: {', '.join(classes[:20])})")
+    return torch.from_numpy(codes)
 
 
 def learn_classes(train: Part, target: str) -> list[str]:

@@ -347,6 +347,10 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
     if not isinstance(state, dict):
         raise ValueError(f"tokenizer state must be a dict, got {type(state).__name__}")
     kind = state.get("kind")
+    if kind == "hf":  # a Hugging Face tokenizer (trainkit.data.hf_tokenizer)
+        from trainkit.data.hf_tokenizer import from_state
+
+        return from_state(state)
     if kind not in KINDS:
         raise ValueError(f"tokenizer state has kind {kind!r}; expected one of {list(KINDS)}")
     version = state.get("version", _STATE_VERSION)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainkit.core.errors import ConfigError
 from trainkit.data.sampler import SplitLoading, TokenBatches
-from trainkit.data.tokenizers import Tokenizer, tokenizer_from_state, train_tokenizer
+from trainkit.data.tokenizers import KINDS, Tokenizer, tokenizer_from_state, train_tokenizer
 
 log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "files"
@@ -51,7 +51,8 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
 def runtime_for(tokenizer: Tokenizer) -> dict[str, Any]:
     """What the model, loss and task need to know about the token ids."""
     return {"src_vocab_size": tokenizer.vocab_size, "tgt_vocab_size": tokenizer.vocab_size,
-            "pad_id": tokenizer.pad_id, "ignore_index": tokenizer.pad_id, "tokenizer": tokenizer}
+            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "ignore_index": tokenizer.pad_id, "tokenizer": tokenizer}
 
 
 class PairBatches(Dataset):
@@ -89,7 +90,8 @@ class TranslationData:
 
     ``max_pairs`` keeps only the first pairs of each split. ``max_tokens`` batches by a budget of padded tokens per batch (length-bucketed, little
     padding); otherwise ``batch_size`` sentences per batch. ``max_len`` drops longer
-    training pairs (and truncates at evaluation). ``tokenizer``: bpe | unigram | word | char.
+    training pairs (and truncates at evaluation). ``tokenizer``: bpe | unigram | word | char, trained
+    on the training split, or a folder holding a Hugging Face tokenizer (a pretrained model's own).
     """
 
     def __init__(self, name: str = "numbers_en_de", train_path: str | None = None,
@@ -107,6 +109,10 @@ class TranslationData:
             texts = {split: (src[:max_pairs], tgt[:max_pairs]) for split, (src, tgt) in texts.items()}
         if data_state and "tokenizer" in data_state:
             self.tokenizer = tokenizer_from_state(data_state["tokenizer"])
+        elif tokenizer not in KINDS:  # a Hugging Face model's own tokenizer, from its directory
+            from trainkit.data.hf_tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tokenizer, "data.tokenizer")
         else:
             cache = cache_dir or os.environ.get("TRAINKIT_CACHE", Path.home() / ".cache" / "trainkit")
             sources, targets = texts["train"]

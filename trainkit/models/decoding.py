@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainkit.core.devices import eval_mode
 from trainkit.models.transformer import Transformer
@@ -233,3 +233,15 @@ class _FinishedHypotheses:
     def best(self, eos_id: int) -> list[list[int]]:
         """The best finished hypothesis of each row (max() keeps the first of equal scores)."""
         return [_strip(max(hyps, key=lambda h: h[0])[1] if hyps else [], eos_id) for hyps in self.rows]
+
+
+def decode_batch(model: nn.Module, src: Tensor, bos_id: int, eos_id: int, beam_size: int, max_len: int,
+                 length_penalty: float = 1.0) -> list[list[int]]:
+    """Output ids for each source row: a model's own ``generate_ids`` (a Hugging Face model's
+    ``generate``) when it has one, else beam search (``beam_size`` > 1) or greedy decoding."""
+    if hasattr(model, "generate_ids"):
+        return model.generate_ids(src, bos_id, eos_id, beam_size, max_len, length_penalty)
+    if beam_size > 1:
+        return beam_search(model, src, bos_id, eos_id, beam_size, max_len, length_penalty)
+    return greedy_decode(model, src, bos_id, eos_id, max_len)
+

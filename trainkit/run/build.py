@@ -49,9 +49,10 @@ def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
 
 
 def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
-          data_state: dict[str, Any] | None = None) -> Components:
+          data_state: dict[str, Any] | None = None, stored: dict[str, Any] | None = None) -> Components:
     """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
-    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back. A config
+    ``data_state`` (from a checkpoint) gives the data its trained tokenizer back and ``stored``
+    (its ``runtime`` values) the model what it was built with. A config
     read from a checkpoint must have passed ``check_trusted`` (``inference.read_checkpoint``
     does that and puts the user's own ``trust`` list in it)."""
     from trainkit.core.checkpoint import require_safe_torch
@@ -65,7 +66,7 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
         data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
                                               "data_state": data_state})
         offered = dict(data.runtime_kwargs())
-        model = instantiate(cfg.model, "model", offered)
+        model = instantiate(cfg.model, "model", {**offered, **(stored or {})})
         model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
         loss = None
         if cfg.get("loss") is not None:

@@ -106,7 +106,7 @@ def build_trainer(cfg: Any, dist: Dist, run_dir: Path) -> tuple[Trainer, Any]:
     trainer = Trainer(
         parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
         dist=dist, run_dir=run_dir, callbacks=callbacks, logger=logger,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir),
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir, parts.model),
         histograms_every_n_steps=cfg.logging.histograms_every_n_steps, **OmegaConf.to_container(cfg.trainer),
     )
     logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
@@ -142,13 +142,15 @@ def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
     return TrainResult(**outcome)
 
 
-def data_state(data: Any, run_dir: Path) -> dict[str, Any]:
+def data_state(data: Any, run_dir: Path, model: Any = None) -> dict[str, Any]:
     """What checkpoints keep about the data: its own state (tokenizers) under ``data``; the
-    plain values it told the model (``runtime``: sizes, pad id), so the model can be rebuilt
-    without reading data; and ``origin``, the folder the run started in (a stored relative
-    data path means a file there) and its run directory."""
+    plain values it told the model (``runtime``: sizes, pad id) and those the model reports
+    about itself (``runtime_state()``: a Hugging Face model's config), so the model can be
+    rebuilt without reading data or its original directory; and ``origin``, the folder the run
+    started in (a stored relative data path means a file there) and its run directory."""
     state = data.state_dict() if hasattr(data, "state_dict") else {}
-    runtime = {key: value for key, value in data.runtime_kwargs().items()
+    offered = {**data.runtime_kwargs(), **(model.runtime_state() if hasattr(model, "runtime_state") else {})}
+    runtime = {key: value for key, value in offered.items()
                if isinstance(value, (bool, int, float, str)) or value is None}
     origin = {"cwd": str(Path.cwd().resolve()), "run_dir": str(Path(run_dir).resolve())}
     return {**({"data": state} if state else {}), "runtime": runtime, "origin": origin}

@@ -66,14 +66,11 @@ class Seq2SeqTask(Task):
         return loss
 
     def translate(self, model: nn.Module, src: Tensor) -> list[str]:
-        from trainkit.models.decoding import beam_search, greedy_decode
+        from trainkit.models.decoding import decode_batch
 
         tok = self.tokenizer
         max_len = min(self.max_decode_len, 2 * src.shape[1] + 10)
-        if self.beam_size > 1:
-            ids = beam_search(model, src, tok.bos_id, tok.eos_id, self.beam_size, max_len, self.length_penalty)
-        else:
-            ids = greedy_decode(model, src, tok.bos_id, tok.eos_id, max_len)
+        ids = decode_batch(model, src, tok.bos_id, tok.eos_id, self.beam_size, max_len, self.length_penalty)
         return [tok.decode(row) for row in ids]
 
     def eval_metrics(self, loss: float) -> dict[str, float]:

@@ -236,9 +236,10 @@ def apply_finetune(cfg: Any, model: nn.Module, data: Any = None) -> nn.Module:
 
     init_from, finetune = cfg.get("init_from"), cfg.get("finetune")
     options = finetune_options(finetune) if finetune is not None else None
-    if options is not None and not init_from:
+    if options is not None and not init_from and not getattr(model, "pretrained_weights", False):
         raise ConfigError("+finetune=lora needs init_from=PATH: the trainkit checkpoint whose weights "
-                          "the adapters fine-tune (adapters on random weights learn little)")
+                          "the adapters fine-tune (adapters on random weights learn little), or "
+                          "model=hf with model.pretrained=DIR")
     if init_from:
         load_initial_weights(model, str(init_from), data, parse_trust(cfg.get("trust")))
         log.info("init_from: weights of %s", init_from)

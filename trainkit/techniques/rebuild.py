@@ -47,6 +47,9 @@ def stored_files(cfg: DictConfig, sections: Iterable[str]) -> Iterator[tuple[str
         yield from keys_where(cfg.loss, "loss", lambda name: name == "teacher_ckpt")
     if cfg.get("finetune") is not None and cfg.get("init_from"):
         yield "init_from", cfg, "init_from"
+    model = cfg.get("model")
+    if cfg.get("finetune") is not None and isinstance(model, DictConfig) and model.get("pretrained"):
+        yield "model.pretrained", model, "pretrained"  # the base of a Hugging Face model's adapters
 
 
 def localize(cfg: DictConfig, state: dict[str, Any], path: str | Path, command: str,
@@ -94,6 +97,16 @@ def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any]) -> None:
         cfg.merge_with(OmegaConf.from_dotlist(dotlist))
 
 
+def model_runtime(state: dict[str, Any], cfg: DictConfig, path: str | Path) -> dict[str, Any] | None:
+    """The stored ``runtime`` values a rebuilt model is given. A LoRA checkpoint holds adapters
+    only, so its Hugging Face model is loaded from its ``model.pretrained`` base rather than
+    built from the stored architecture (``hf_config``)."""
+    runtime = stored_runtime(state, path)
+    if runtime is not None and cfg.get("finetune") is not None:
+        runtime.pop("hf_config", None)
+    return runtime
+
+
 def rebuild_model(path: str | Path, state: dict[str, Any], cfg: DictConfig, command: str,
                   known: dict[str, Any] | None = None, label: str = "model") -> torch.nn.Module:
     """The checkpoint's model with its weights (a LoRA checkpoint: adapters on their base),
@@ -101,7 +114,7 @@ def rebuild_model(path: str | Path, state: dict[str, Any], cfg: DictConfig, comm
     and ``known`` ones (a tokenizer's), without reading data; a checkpoint older than
     ``runtime`` with nothing ``known`` has its data built to size the model (logged)."""
 
-    runtime = stored_runtime(state, path)
+    runtime = model_runtime(state, cfg, path)
     fallback = runtime is None and known is None
     if cfg.get("finetune") is None:
         cfg.init_from = None  # the checkpoint holds every weight; only LoRA adapters need their base
