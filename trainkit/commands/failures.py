@@ -89,6 +89,12 @@ def explain_key_error(error: BaseException, key_error: BaseException) -> str:
     where = f" (in {source.group(1)}.yaml)" if source and source.group(1) != "config" else ""
     valid = schema_keys(parent)
     node = getattr(key_error, "parent_node", None)
+    if valid is None and node is not None and "model_type" in node:  # a Hugging Face config (model=hf)
+        from trainkit.models.hf import config_keys
+
+        valid = config_keys(node.get("model_type"))
+        if valid is not None and key in valid:
+            return f"{full_key}: not listed in this config yet; add it with +{full_key}=VALUE{where}"
     if valid is None and node is not None and "_target_" in node:
         try:
             valid = list(accepted(resolve_target(node, parent))[0])

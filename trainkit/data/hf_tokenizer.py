@@ -1,4 +1,4 @@
-"""Hugging Face tokenizers behind trainkit's ``Tokenizer`` interface, whole in a checkpoint.
+"""Hugging Face tokenizers behind the interface of trainkit's ``Tokenizer``, whole in a checkpoint.
 
 ``load_tokenizer(DIR)`` reads a ``save_pretrained`` directory offline (no remote code);
 ``word_tokenizer(texts)`` builds a word-level one from training texts (lower-cased words and
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.core.errors import ConfigError
-from trainkit.data.tokenizers import Tokenizer
 
 log = logging.getLogger("trainkit")
 STATE_VERSION = 1
@@ -28,8 +27,9 @@ MAX_STATE_BYTES = 256 * 2**20
 SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
 
 
-class HFTokenizer(Tokenizer):
-    """A ``transformers`` tokenizer: ``encode`` gives ids without special tokens (translation adds
+class HFTokenizer:
+    """A ``transformers`` tokenizer with the interface of ``trainkit.data.tokenizers.Tokenizer``
+    (ids of the special tokens, ``vocab_size``, ``encode``, ``decode``, ``state_dict``): ``encode`` gives ids without special tokens (translation adds
     its own BOS/EOS); ``encode_rows`` tokenizes whole columns with the tokenizer's own special
     tokens, as its model was trained (``[CLS] a [SEP] b [SEP]``)."""
 

@@ -36,7 +36,15 @@ from torch.utils.data import DataLoader, Dataset
 from trainkit.core.errors import ConfigError, did_you_mean
 from trainkit.data.hf_tokenizer import HFTokenizer, load_tokenizer, word_tokenizer
 from trainkit.data.sampler import SplitLoading, TokenBatches
-from trainkit.data.table import Part, check_complete, learn_classes, split_parts, strings, target_kind, target_values
+from trainkit.data.table import (
+    Part,
+    check_complete,
+    learn_classes,
+    split_parts,
+    strings,
+    target_kind,
+    target_values,
+)
 from trainkit.data.tokenizers import tokenizer_from_state
 
 log = logging.getLogger("trainkit")

@@ -44,21 +44,28 @@ HEADS = {"classification": "AutoModelForSequenceClassification", "seq2seq": "Aut
          "causal_lm": "AutoModelForCausalLM", "encoder": "AutoModel"}
 
 
+def config_keys(model_type: Any) -> list[str] | None:
+    """The keys a ``transformers`` config of ``model_type`` takes; None for an unknown type."""
+    transformers = transformers_module()
+    if model_type not in transformers.CONFIG_MAPPING:
+        return None
+    defaults = transformers.CONFIG_MAPPING[model_type]()
+    return sorted(set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {})))
+
+
 def config_from_keys(transformers: Any, keys: Mapping[str, Any]) -> Any:
     """A config of ``keys['model_type']`` with the other keys set; unknown keys are errors."""
     keys = dict(keys)
     model_type = keys.pop("model_type", None)
-    mapping = transformers.CONFIG_MAPPING
-    if model_type not in mapping:
-        known = sorted(mapping.keys())
+    valid = config_keys(model_type)
+    if valid is None:
+        known = sorted(transformers.CONFIG_MAPPING.keys())
         raise ConfigError(f"model.config.model_type={model_type!r}: not a transformers model type"
                           f"{did_you_mean(str(model_type), known)} (for example bert, bart, gpt2, t5)")
-    defaults = mapping[model_type]()
-    valid = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
     for key in keys:
         if key not in valid:
             raise ConfigError(f"model.config.{key}: not a key of the {model_type} config"
-                              f"{did_you_mean(key, sorted(valid))}")
+                              f"{did_you_mean(key, valid)}")
     return transformers.AutoConfig.for_model(model_type, **keys)
 
 
@@ -107,10 +114,12 @@ class HFModel(nn.Module):
         values = data_values(labels, class_names, vocab_size or src_vocab_size, pad_id, bos_id, eos_id,
                              regression=num_classes is None and out_features is not None)
         auto = getattr(transformers, HEADS[head])
+        self.new_parameters: list[str] = []  # made here, not read from the folder: LoRA trains them (a new head)
         if hf_config is not None:
             self.hf = auto.from_config(config_from_json(transformers, hf_config))
         elif pretrained is not None:
-            self.hf = load_pretrained(transformers, auto, check_directory(pretrained, "model.pretrained"), values)
+            self.hf, self.new_parameters = load_pretrained(transformers, auto, check_directory(pretrained,
+                                                                                               "model.pretrained"), values)
         else:
             built = config_from_keys(transformers, config)
             for key, value in values.items():
@@ -197,16 +206,17 @@ def data_values(labels: int | None, class_names: list[str] | None, vocab_size: i
     return values
 
 
-def load_pretrained(transformers: Any, auto: Any, directory: Path, values: dict[str, Any]) -> Any:
+def load_pretrained(transformers: Any, auto: Any, directory: Path, values: dict[str, Any]) -> tuple[Any, list[str]]:
     """A ``save_pretrained`` directory, offline; a new classification head where ``num_labels``
-    differs from the stored one; embeddings grown where the tokenizer has more ids."""
+    differs from the stored one; embeddings grown where the tokenizer has more ids. Returns the
+    model and the names (as parameters of ``HFModel``) of the weights the folder did not hold."""
     vocab_size = values.pop("vocab_size", None)
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
         for key, value in values.items():
             setattr(config, key, value)
-        model = auto.from_pretrained(directory, config=config, local_files_only=True, trust_remote_code=False,
-                                     ignore_mismatched_sizes=True)
+        model, info = auto.from_pretrained(directory, config=config, local_files_only=True, trust_remote_code=False,
+                                           ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         text = " ".join(str(error).split())[:300]
         raise ConfigError(f"model.pretrained={directory}: cannot be loaded as {auto.__name__}: {text}") from None
@@ -215,4 +225,5 @@ def load_pretrained(transformers: Any, auto: Any, directory: Path, values: dict[
         log.info("model.pretrained: embeddings grown from %d to the tokenizer's %d ids",
                  embeddings.num_embeddings, vocab_size)
         model.resize_token_embeddings(vocab_size)
-    return model
+    fresh = [*info.get("missing_keys", ()), *(key[0] for key in info.get("mismatched_keys", ()))]
+    return model, sorted(f"hf.{name}" for name in fresh)

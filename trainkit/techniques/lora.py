@@ -35,7 +35,7 @@ from trainkit.core.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("trainkit")
 FINGERPRINT = "lora_base_fingerprint"  # a buffer on the adapted model: SHA-256 of the frozen base
-OPTIONS = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["*"]}
+OPTIONS = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["*"], "trainable": []}
 
 
 class LoRALinear(nn.Module):
@@ -83,6 +83,13 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
+def within(name: str, patterns: Sequence[str]) -> bool:
+    """A parameter matches by its own name or that of any module holding it (``classifier``
+    matches ``hf.classifier.weight``)."""
+    parts = name.split(".")
+    return any(matches(".".join(parts[:end]), patterns) for end in range(1, len(parts) + 1))
+
+
 def tied_parameters(model: nn.Module) -> set[int]:
     """ids of parameters registered under more than one name (tied embeddings)."""
     seen: dict[int, int] = {}
@@ -92,9 +99,11 @@ def tied_parameters(model: nn.Module) -> set[int]:
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               targets: Sequence[str] = ("*",)) -> int:
+               targets: Sequence[str] = ("*",), trainable: Sequence[str] = ()) -> int:
     """Freeze ``model`` and wrap every ``nn.Linear`` whose name matches ``targets`` in a
-    :class:`LoRALinear`, in place; returns how many layers were adapted."""
+    :class:`LoRALinear`, in place; returns how many layers were adapted. Parameters matching
+    ``trainable`` (and those the model reports as ``new_parameters``: a pretrained model's new
+    head) stay trainable whole and are saved with the adapters."""
     tied = tied_parameters(model)
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name]
     chosen = [(name, module) for name, module in linears if matches(name, targets)]
@@ -107,6 +116,12 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
         raise ConfigError(f"finetune.targets={list(targets)}: matches no untied nn.Linear of the model "
                           f"(its Linear layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''})")
     model.requires_grad_(False)
+    keep = [*trainable, *getattr(model, "new_parameters", ())]
+    kept = [name for name, _ in model.named_parameters() if within(name, keep)]
+    if trainable and not kept:
+        raise ConfigError(f"finetune.trainable={list(trainable)}: matches no parameter of the model")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in kept)
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(module, rank, alpha, dropout))
@@ -203,7 +218,13 @@ def finetune_options(node: Any) -> dict[str, Any]:
         targets = [targets]
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"finetune.targets={targets!r}: must be a list of module name patterns")
-    return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(targets)}
+    trainable = options["trainable"]
+    if isinstance(trainable, str):
+        trainable = [trainable]
+    if not all(isinstance(t, str) and t for t in trainable):
+        raise ConfigError(f"finetune.trainable={trainable!r}: must be a list of parameter name patterns")
+    return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": list(targets),
+            "trainable": list(trainable)}
 
 
 def load_initial_weights(model: nn.Module, path: str, data: Any = None, trust: Sequence[str] = ()) -> None:
