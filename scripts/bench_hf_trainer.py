@@ -12,7 +12,12 @@ the same number of torch threads. Batches are padded to their longest row in bot
 ``TokenRows``; ``DataCollatorWithPadding`` in HF, over a ``datasets.Dataset``).
 
 - **trainkit**: ``train_model`` on the config ``trainkit train model=hf model.pretrained=DIR
-  data=text ...`` composes (the CLI's path, minus Hydra's run directory and console set-up).
+  data=text ...`` composes (the CLI's path, minus Hydra's run directory and console set-up),
+  with one ``model.train()`` before the first step (the benchmark's callback does it).
+- **trainkit_as_is** (``--contenders``): the same without that call. ``from_pretrained`` returns
+  the model in eval mode, and trainkit's loop calls ``model.train()`` only when the outer
+  module is not in training mode, so the wrapped model trains with dropout off until the first
+  validation: less work per step, and not the same training as ``transformers.Trainer``'s.
 - **hf**: ``transformers.Trainer`` with ``TrainingArguments(use_cpu=True, report_to="none",
   save_strategy="no", eval_strategy="steps", eval_steps=steps)``.
 
@@ -24,8 +29,9 @@ forward, backward, clipping, the optimizer, the loop's bookkeeping and its loggi
 steps; neither includes imports, tokenisation, model loading, the final validation or saving.
 
     pip install "accelerate>=1.1"     # transformers.Trainer needs it (trainkit does not)
-    python scripts/bench_hf_trainer.py [--rounds 3] [--steps 400] [--threads 1] [--json out.json]
-    python scripts/bench_hf_trainer.py --worker trainkit|hf SETUP_DIR   # one run (internal)
+    python scripts/bench_hf_trainer.py [--rounds 3] [--steps 300] [--threads 1] [--json out.json]
+    python scripts/bench_hf_trainer.py --contenders trainkit trainkit_as_is hf
+    python scripts/bench_hf_trainer.py --worker CONTENDER SETUP_DIR   # one run (internal)
 """
 
 from __future__ import annotations
@@ -39,22 +45,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 STARTED = time.perf_counter()  # before the heavy imports: a worker's set-up time counts from here
 WARMUP = 10
-SETTINGS = {"batch_size": 32, "max_length": 64, "lr": 5e-4, "weight_decay": 0.01, "clip": 1.0, "log_every": 50,
+SETTINGS = {"batch_size": 32, "max_length": 64, "lr": 1e-3, "weight_decay": 0.01, "clip": 1.0, "log_every": 50,
             "train_rows": 3200, "val_rows": 800, "seed": 0}
 MODEL = {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 256, "max_position_embeddings": 128}
+CONTENDERS = {
+    "trainkit": "trainkit (`train_model`), model in training mode from step 1",
+    "trainkit_as_is": "trainkit (`train_model`) as is: dropout off until the first validation",
+    "hf": "`transformers.Trainer`",
+}
 
 
 class StepClock:
     """A callback for either loop: ``perf_counter`` at the loop's start and at each step's end,
-    written to ``path`` as JSON when the loop ends."""
+    written to ``path`` as JSON when the loop ends. With ``train_mode``, trainkit's model is put
+    in training mode before the first step (see ``CONTENDERS``)."""
 
-    def __init__(self, path: str):
-        self.path, self.start, self.steps = Path(path), None, []
+    def __init__(self, path: str, train_mode: bool = False):
+        self.path, self.start, self.steps, self.train_mode = Path(path), None, [], train_mode
 
     def begin(self) -> None:
         self.start = time.perf_counter()
@@ -67,6 +80,8 @@ class StepClock:
 
     # trainkit's hooks
     def on_fit_start(self, trainer) -> None:
+        if self.train_mode:
+            trainer.model.train()
         self.begin()
 
     def on_step_end(self, trainer, *args, **kwargs) -> None:  # HF passes (args, state, control)
@@ -135,7 +150,7 @@ def prepare(folder: Path) -> dict:
 
 
 # The two contenders (one per worker process) ------------------------------------------------
-def run_trainkit(folder: Path, steps: int, clock_path: Path) -> dict:
+def run_trainkit(folder: Path, steps: int, seed: int, clock_path: Path, train_mode: bool = True) -> dict:
     from trainkit import train_model
     from trainkit.commands.config import compose
 
@@ -145,19 +160,20 @@ def run_trainkit(folder: Path, steps: int, clock_path: Path) -> dict:
         "data.text=text", "data.target=label", f"data.max_length={SETTINGS['max_length']}",
         f"data.batch_size={SETTINGS['batch_size']}", "data.num_workers=0",
         "optimizer=adamw", f"optimizer.lr={SETTINGS['lr']}", f"optimizer.weight_decay={SETTINGS['weight_decay']}",
-        "scheduler=none", "precision=fp32", "device=cpu", f"seed={SETTINGS['seed']}",
+        "scheduler=none", "precision=fp32", "device=cpu", f"seed={seed}",
         f"trainer.max_steps={steps}", f"trainer.eval_every_n_steps={steps}", f"trainer.save_every_n_steps={steps}",
         f"trainer.log_every_n_steps={SETTINGS['log_every']}", f"trainer.clip_grad_norm={SETTINGS['clip']}",
         "trainer.monitor=val/accuracy", "trainer.monitor_mode=max",
         "logging.tensorboard=false", "logging.progress_bar=false",
     ])
-    cfg.callbacks = {"clock": {"_target_": "bench_hf_trainer.StepClock", "path": str(clock_path)}}
+    cfg.callbacks = {"clock": {"_target_": "bench_hf_trainer.StepClock", "path": str(clock_path),
+                               "train_mode": train_mode}}
     result = train_model(cfg, run_dir=folder / "trainkit_run")
     return {"val_accuracy": result.metrics["val/accuracy"], "val_loss": result.metrics["val/loss"],
             "global_step": result.global_step}
 
 
-def run_hf(folder: Path, steps: int, clock_path: Path) -> dict:
+def run_hf(folder: Path, steps: int, seed: int, clock_path: Path) -> dict:
     import datasets
     import numpy as np
     from transformers import (
@@ -184,7 +200,7 @@ def run_hf(folder: Path, steps: int, clock_path: Path) -> dict:
         return {"accuracy": float(np.mean(np.argmax(prediction.predictions, axis=-1) == prediction.label_ids))}
 
     args = TrainingArguments(
-        output_dir=str(folder / "hf_run"), use_cpu=True, report_to="none", seed=SETTINGS["seed"],
+        output_dir=str(folder / "hf_run"), use_cpu=True, report_to="none", seed=seed,
         per_device_train_batch_size=SETTINGS["batch_size"], per_device_eval_batch_size=SETTINGS["batch_size"],
         learning_rate=SETTINGS["lr"], weight_decay=SETTINGS["weight_decay"], optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=SETTINGS["clip"],
@@ -204,12 +220,13 @@ def run_hf(folder: Path, steps: int, clock_path: Path) -> dict:
             "global_step": trainer.state.global_step, "decay_is_matrices": decay == matrices}
 
 
-def worker(contender: str, folder: Path, steps: int, threads: int) -> None:
+def worker(contender: str, folder: Path, steps: int, seed: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     clock_path = folder / f"clock-{contender}.json"
-    out = {"trainkit": run_trainkit, "hf": run_hf}[contender](folder, steps, clock_path)
+    runners = {"trainkit": run_trainkit, "trainkit_as_is": partial(run_trainkit, train_mode=False), "hf": run_hf}
+    out = runners[contender](folder, steps, seed, clock_path)
     clock = json.loads(clock_path.read_text())
     stamps, batch = clock["steps"], SETTINGS["batch_size"]
     out.update(
@@ -222,13 +239,13 @@ def worker(contender: str, folder: Path, steps: int, threads: int) -> None:
 
 
 # The comparison (the parent process) ------------------------------------------------------
-def measure(contender: str, folder: Path, steps: int, threads: int) -> dict:
+def measure(contender: str, folder: Path, steps: int, seed: int, threads: int) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TRAINKIT_CACHE": str(folder / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(folder / "hf_datasets_cache"),
            "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, __file__, "--worker", contender, str(folder), "--steps", str(steps),
-               "--threads", str(threads)]
+               "--seed", str(seed), "--threads", str(threads)]
     started = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -244,27 +261,30 @@ def spread(values: list[float], digits: int = 0) -> str:
 
 
 def table(runs: dict[str, list[dict]], info: dict, steps: int, threads: int) -> str:
-    ratios = [a["steady_samples_per_s"] / b["steady_samples_per_s"] for a, b in zip(runs["trainkit"], runs["hf"])]
-    phase_ratios = [a["phase_samples_per_s"] / b["phase_samples_per_s"] for a, b in zip(runs["trainkit"], runs["hf"])]
+    rounds = min(len(rows) for rows in runs.values())
     lines = [
         f"BERT {MODEL['hidden_size']}x{MODEL['num_hidden_layers']} ({info['parameters']:,} parameters, vocabulary "
         f"{info['vocab_size']}), batch {SETTINGS['batch_size']}, {steps} steps, {threads} thread(s), "
-        f"{len(ratios)} rounds; median (min-max):",
+        f"{rounds} rounds; median (min-max):",
         "",
         "| contender | samples/s after step 10 | samples/s, whole training phase | median step | set-up to loop start "
         "| process wall | val accuracy (per round) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, label in (("trainkit", "trainkit (`train_model`)"), ("hf", "`transformers.Trainer`")):
-        rows = runs[name]
+    for name, rows in runs.items():
         accuracies = ", ".join(f"{r['val_accuracy']:.3f}" for r in rows)
-        lines.append(f"| {label} | {spread([r['steady_samples_per_s'] for r in rows])} "
+        lines.append(f"| {CONTENDERS[name]} | {spread([r['steady_samples_per_s'] for r in rows])} "
                      f"| {spread([r['phase_samples_per_s'] for r in rows])} "
                      f"| {spread([r['median_step_ms'] for r in rows], 2)} ms | {spread([r['setup_s'] for r in rows], 1)} s "
                      f"| {spread([r['process_s'] for r in rows], 1)} s | {accuracies} |")
-    lines += ["", f"trainkit/HF samples/s, per round (after step 10): {', '.join(f'{r:.3f}' for r in ratios)}; "
-              f"median **{statistics.median(ratios):.3f}**; whole phase: "
-              f"{', '.join(f'{r:.3f}' for r in phase_ratios)}; median {statistics.median(phase_ratios):.3f}"]
+    lines.append("")
+    for name in (n for n in runs if n != "hf" and "hf" in runs):
+        pairs = list(zip(runs[name], runs["hf"]))
+        steady = [a["steady_samples_per_s"] / b["steady_samples_per_s"] for a, b in pairs]
+        phase = [a["phase_samples_per_s"] / b["phase_samples_per_s"] for a, b in pairs]
+        lines.append(f"{name}/hf samples/s per round, after step 10: {', '.join(f'{r:.3f}' for r in steady)} "
+                     f"(median **{statistics.median(steady):.3f}**); whole phase: "
+                     f"{', '.join(f'{r:.3f}' for r in phase)} (median {statistics.median(phase):.3f})")
     return "\n".join(lines)
 
 
@@ -272,21 +292,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "SETUP_DIR"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (both contenders)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (dropout, batch order); "
+                        "round r of the comparison uses seed r, the same for every contender")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (every contender)")
+    parser.add_argument("--contenders", nargs="+", default=["trainkit", "hf"], choices=list(CONTENDERS))
     parser.add_argument("--json", help="write the runs here too")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], Path(args.worker[1]), args.steps, args.threads)
+        worker(args.worker[0], Path(args.worker[1]), args.steps, args.seed, args.threads)
         return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as name:
         folder = Path(name)
         info = prepare(folder)
-        runs: dict[str, list[dict]] = {"trainkit": [], "hf": []}
+        runs: dict[str, list[dict]] = {contender: [] for contender in args.contenders}
         for round_index in range(args.rounds):
-            for contender in ("trainkit", "hf"):
-                result = measure(contender, folder, args.steps, args.threads)
+            for contender in args.contenders:
+                result = measure(contender, folder, args.steps, round_index, args.threads)
                 runs[contender].append(result)
                 print(json.dumps({"round": round_index, "contender": contender, **result}), flush=True)
     print()

@@ -58,7 +58,8 @@ class HFTokenizer:
         """Token ids (and token type ids, where the tokenizer makes them) of every row, truncated to
         ``max_length`` tokens with the special tokens counted."""
         return dict(self.tokenizer(list(first), list(second) if second is not None else None, truncation=True,
-                                   max_length=max_length, return_attention_mask=False))
+                                   max_length=max_length, return_attention_mask=False,
+                                   return_token_type_ids=second is not None))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()

@@ -48,7 +48,7 @@ from trainkit.data.table import (
 from trainkit.data.tokenizers import tokenizer_from_state
 
 log = logging.getLogger("trainkit")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sentence pairs keep their token type ids
 
 
 @dataclass

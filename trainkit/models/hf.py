@@ -125,10 +125,17 @@ class HFModel(nn.Module):
             for key, value in values.items():
                 setattr(built, key, value)
             self.hf = auto.from_config(built)
+        pooler = getattr(self.hf, "pooler", None)
+        if head == "encoder" and isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)  # the embedding is a mean over tokens; DDP needs every trained weight used
         if gradient_checkpointing:
             if not self.hf.supports_gradient_checkpointing:
                 raise ConfigError(f"model.gradient_checkpointing: {type(self.hf).__name__} does not support it")
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.hf, "activation_checkpointing_enable", None)  # its name from transformers 5 on
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.pad_id is None:
             self.pad_id = self.hf.config.pad_token_id
 
