@@ -29,7 +29,7 @@ forward, backward, clipping, the optimizer, the loop's bookkeeping and its loggi
 steps; neither includes imports, tokenisation, model loading, the final validation or saving.
 
     pip install "accelerate>=1.1"     # transformers.Trainer needs it (trainkit does not)
-    python scripts/bench_hf_trainer.py [--rounds 3] [--steps 300] [--threads 1] [--json out.json]
+    python scripts/bench_hf_trainer.py [--rounds 3] [--steps 600] [--threads 1] [--json out.json]
     python scripts/bench_hf_trainer.py --contenders trainkit trainkit_as_is hf
     python scripts/bench_hf_trainer.py --worker CONTENDER SETUP_DIR   # one run (internal)
 """
@@ -292,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "SETUP_DIR"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (dropout, batch order); "
                         "round r of the comparison uses seed r, the same for every contender")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (every contender)")

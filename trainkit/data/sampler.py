@@ -168,6 +168,13 @@ class SplitLoading:
                             **self.plan_options(split))
         return self.loader(dataset, plan, collate_fn)
 
+    def budgeted(self, dataset: Any, split: str, max_tokens: int | None) -> DataLoader:
+        """At most ``max_tokens`` padded tokens per batch, samples of similar ``dataset.lengths()``
+        together (``TokenBatches``); ``batch_size`` samples per batch when ``max_tokens`` is None."""
+        if max_tokens is None:
+            return self.fixed(dataset, split)
+        return self.loader(dataset, TokenBatches(dataset.lengths(), max_tokens, **self.plan_options(split)))
+
     def loader(self, dataset: Any, plan: BatchPlan, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
         """A DataLoader in the order of ``plan``. Without ``collate_fn`` the dataset takes a whole
         index list and returns the batch (one indexing call per batch); with one, the dataset

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainkit.core.errors import ConfigError, did_you_mean
 from trainkit.data.hf_tokenizer import HFTokenizer, load_tokenizer, word_tokenizer
-from trainkit.data.sampler import SplitLoading, TokenBatches
+from trainkit.data.sampler import SplitLoading
 from trainkit.data.table import (
     Part,
     check_complete,
@@ -134,12 +134,7 @@ class TextData:
 
     def loader(self, split: str) -> DataLoader | None:
         dataset = self.splits.get(split)
-        if dataset is None:
-            return None
-        if self.max_tokens is None:
-            return self.loading.fixed(dataset, split)
-        plan = TokenBatches(dataset.lengths(), self.max_tokens, **self.loading.plan_options(split))
-        return self.loading.loader(dataset, plan)
+        return self.loading.budgeted(dataset, split, self.max_tokens) if dataset is not None else None
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """``vocab_size``, ``pad_id`` and ``num_classes``/``class_names`` (class labels) or

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainkit.core.errors import ConfigError
-from trainkit.data.sampler import SplitLoading, TokenBatches
+from trainkit.data.sampler import SplitLoading
 from trainkit.data.tokenizers import KINDS, Tokenizer, tokenizer_from_state, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,7 @@ class TranslationData:
 
     def loader(self, split: str) -> DataLoader | None:
         dataset = self.splits.get(split)
-        if dataset is None:
-            return None
-        if self.max_tokens is None:
-            return self.loading.fixed(dataset, split)
-        plan = TokenBatches(dataset.lengths(), self.max_tokens, **self.loading.plan_options(split))
-        return self.loading.loader(dataset, plan)
+        return self.loading.budgeted(dataset, split, self.max_tokens) if dataset is not None else None
 
 
 class TsvTranslationData(TranslationData):
