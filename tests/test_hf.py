@@ -191,6 +191,23 @@ def test_second_build_reads_the_cache_and_a_bad_cache_file_is_replaced(files, tm
 
 
 # 6. Pairs, regression, label order -------------------------------------------------------------
+def test_a_token_budget_batches_similar_lengths_and_shards_every_row_once(files):
+    """data.max_tokens: each batch pads to at most the budget, one epoch covers every training row
+    once, and two ranks' shares of a validation epoch are disjoint and complete."""
+    single = text_data(files, max_tokens=64, max_length=16)
+    lengths = single.splits["train"].lengths()
+    seen = []
+    for inputs, _ in single.loader("train"):
+        assert inputs["input_ids"].numel() <= 64
+        seen.extend(inputs["attention_mask"].sum(1).tolist())
+    assert sorted(seen) == sorted(lengths)  # every row once (lengths identify the multiset)
+    assert max(lengths) > min(lengths)  # so the budget really varies the batch size
+    ranks = [text_data(files, max_tokens=64, max_length=16, rank=rank, world_size=2) for rank in (0, 1)]
+    shares = [[row for batch in data.loader("val").sampler for row in batch] for data in ranks]  # the batch plans
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == list(range(len(single.splits["val"])))
+
+
 def test_sentence_pairs_give_token_type_ids(compose, tmp_path):
     train = write_csv(pairs(48, seed=0), tmp_path / "train.csv")
     valid = write_csv(pairs(16, seed=1), tmp_path / "val.csv")
