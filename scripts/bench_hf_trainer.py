@@ -5,7 +5,7 @@ once from a config with seed 0 and written with ``save_pretrained``, so both loa
 weights) on the same synthetic review set (``scripts/make_text_data.py``'s templates, 3,200
 training rows: every batch is full), with the same word-level tokenizer (trainkit's
 ``word_tokenizer`` of the training texts, saved beside the model), max_length 64, batch 32,
-AdamW (lr 5e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only, ``torch.optim.AdamW``
+AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only, ``torch.optim.AdamW``
 in both: HF's ``optim="adamw_torch"``), a constant learning rate, clipping at 1.0, fp32, the same
 number of optimizer steps, one validation pass at the end, no checkpoint during training, and
 the same number of torch threads. Batches are padded to their longest row in both (trainkit's
@@ -14,10 +14,10 @@ the same number of torch threads. Batches are padded to their longest row in bot
 - **trainkit**: ``train_model`` on the config ``trainkit train model=hf model.pretrained=DIR
   data=text ...`` composes (the CLI's path, minus Hydra's run directory and console set-up),
   with one ``model.train()`` before the first step (the benchmark's callback does it).
-- **trainkit_as_is** (``--contenders``): the same without that call. ``from_pretrained`` returns
-  the model in eval mode, and trainkit's loop calls ``model.train()`` only when the outer
-  module is not in training mode, so the wrapped model trains with dropout off until the first
-  validation: less work per step, and not the same training as ``transformers.Trainer``'s.
+- **trainkit_as_is** (``--contenders``): the same without that call. It found a bug, fixed
+  since: ``from_pretrained`` returns the model in eval mode and ``HFModel`` did not switch it
+  back, so dropout stayed off until the first validation. ``HFModel`` now ends its
+  ``__init__`` with ``self.train()``, and this contender runs the same training as trainkit.
 - **hf**: ``transformers.Trainer`` with ``TrainingArguments(use_cpu=True, report_to="none",
   save_strategy="no", eval_strategy="steps", eval_steps=steps)``.
 

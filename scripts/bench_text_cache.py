@@ -122,9 +122,9 @@ def main() -> None:
     print("| cold: empty cache (tokenize, write) | warm: cache hit (read .npz) | cold/warm | tokenisation alone "
           "(`encode_rows`, all rows) | cache key alone (hash of the texts) | cache files |")
     print("|---|---|---|---|---|---|")
-    print(f"| {spread([r['cold_s'] for r in runs])} | {spread([r['warm_s'] for r in runs])} "
+    print(f"| {spread([r['cold_s'] for r in runs])} | {spread([r['warm_s'] for r in runs], digits=3)} "
           f"| {statistics.median(speedups):.1f}x ({min(speedups):.1f}-{max(speedups):.1f}) "
-          f"| {spread([r['encode_s'] for r in runs])} | {spread([r['hash_s'] for r in runs])} "
+          f"| {spread([r['encode_s'] for r in runs])} | {spread([r['hash_s'] for r in runs], digits=3)} "
           f"| {runs[0]['cache_files']} files, {cache_bytes / 2**20:.1f} MiB ({cache_bytes / tokens:.1f} bytes/token) |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": args.rows, "csv_bytes": csv_bytes, "runs": runs}, indent=2))

@@ -369,6 +369,14 @@ def test_lora_on_a_pretrained_model_trains_only_adapters_and_its_checkpoint_eval
     assert metrics["val/accuracy"] == result.metrics["val/accuracy"]
 
 
+def test_a_pretrained_model_starts_in_training_mode(files):
+    """from_pretrained hands back a model in eval mode; trainkit's must train with its dropout."""
+    from trainkit.models.hf import HFModel
+
+    model = HFModel(pretrained=str(files / "bert"), num_classes=2)
+    assert all(module.training for module in model.modules())
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(files):
     from trainkit.models.hf import HFModel
 

@@ -138,6 +138,7 @@ class HFModel(nn.Module):
                 self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.pad_id is None:
             self.pad_id = self.hf.config.pad_token_id
+        self.train()  # from_pretrained returns the model in eval mode: dropout would stay off in training
 
     @property
     def max_len(self) -> int:
