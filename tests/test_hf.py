@@ -26,7 +26,8 @@ from hf_helpers import BERT_SIZES, bart_dir, bert_dir, numbers_pairs, pairs, rev
 from trainkit import train_model
 from trainkit.core.errors import ConfigError
 from trainkit.data import TextData
-from trainkit.data.hf_tokenizer import HFTokenizer
+from trainkit.data.hf_tokenizer import HFTokenizer, from_state, word_tokenizer
+from trainkit.data.text import cache_key
 from trainkit.run.build import build
 from trainkit.tasks import ClassificationTask, RegressionTask
 
@@ -170,10 +171,12 @@ def test_second_build_reads_the_cache_and_a_bad_cache_file_is_replaced(files, tm
 
     vocab = first.tokenizer.vocab_size
     bad = {"garbage": lambda path: path.write_bytes(b"\x00not an npz file" * 7),
+           "truncated": lambda path: path.write_bytes(first_bytes[: len(first_bytes) // 2]),
            "ids out of range": lambda path: np.savez(path, ids=np.full(len(first.splits["train"].ids), vocab + 5,
                                                                            dtype=np.int32),
                                                      offsets=first.splits["train"].offsets)}
     train_cache = next(path for path in cached if np.load(path)["offsets"].shape == (65,))
+    first_bytes = train_cache.read_bytes()
     for case, spoil in bad.items():
         spoil(train_cache)
         caplog.clear()
@@ -186,8 +189,33 @@ def test_second_build_reads_the_cache_and_a_bad_cache_file_is_replaced(files, tm
 
     text_data(files, **{**options, "max_length": 12})
     assert len(list((tmp_path / "text").glob("*.npz"))) == 4
+    tokenizer = first.tokenizer  # texts that differ only in where a NUL falls keep apart
+    assert cache_key(tokenizer, [["a\0b", "c"]], 16) != cache_key(tokenizer, [["a", "b\0c"]], 16)
     text_data(files, **{**options, "tokenizer": None, "vocab_size": 12})  # another tokenizer (word-level, 12 ids)
     assert len(list((tmp_path / "text").glob("*.npz"))) == 6
+
+
+def test_a_word_level_tokenizer_keeps_its_fingerprint_through_a_checkpoint():
+    """Training builds it in memory, eval loads it from the checkpoint's files: the same cache key."""
+    tokenizer = word_tokenizer(["the lamp is great", "the chair is not poor"], 50)
+    assert from_state(tokenizer.state_dict()).fingerprint() == tokenizer.fingerprint()
+
+
+def test_a_tampered_tokenizer_in_a_checkpoint_is_exit_2_for_export_and_translate(user_run, tmp_path):
+    from trainkit.commands.export import export_checkpoint
+    from trainkit.commands.failures import explain
+    from trainkit.commands.inference import load_translator
+    from trainkit.core import checkpoint
+
+    state = torch.load(user_run / "outputs/user/run/checkpoints/best.pt", weights_only=True)
+    state["data"]["tokenizer"]["files"]["tokenizer.json"] = b'{"x": 1}'
+    state.pop("checksums", None)
+    checkpoint.save(state, tmp_path / "tampered.pt")
+    for call in (lambda: export_checkpoint(tmp_path / "tampered.pt", "hf", tmp_path / "out"),
+                 lambda: load_translator(tmp_path / "tampered.pt", torch.device("cpu"))):
+        with pytest.raises(ConfigError, match="tokenizer") as error:
+            call()
+        assert explain(error.value)[0] == 2
 
 
 # 6. Pairs, regression, label order -------------------------------------------------------------
@@ -274,6 +302,17 @@ def test_a_saved_dataset_dict_folder_trains(compose, tmp_path):
     assert result.global_step == 3 and "val/accuracy" in result.metrics
 
 
+def test_a_saved_dataset_dict_with_train_and_test_only_takes_validation_rows_from_train(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict(reviews(40, seed=5)),
+                 "test": Dataset.from_dict(reviews(10, seed=6))}).save_to_disk(str(tmp_path / "reviews"))
+    data = TextData(train_path=str(tmp_path / "reviews"), target="label", val_fraction=0.25)
+    assert {split: len(rows) for split, rows in data.splits.items()} == {"train": 30, "val": 10, "test": 10}
+    with pytest.raises(ConfigError, match="gives the test rows already"):
+        TextData(train_path=str(tmp_path / "reviews"), target="label", test_fraction=0.25)
+
+
 # 8. Bad input ---------------------------------------------------------------------------------
 def bad_inputs(files: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """(overrides, what the message must say) for each wrong input."""
@@ -355,7 +394,7 @@ def test_lora_on_a_pretrained_model_trains_only_adapters_and_its_checkpoint_eval
     overrides = ["model=hf", f"model.pretrained={model_dir}", "data=text", f"data.train_path={files / 'train.csv'}",
                  f"data.valid_path={files / 'val.csv'}", "+finetune=lora", "finetune.targets=[query,value]",
                  "data.batch_size=16", "trainer.max_steps=4", "optimizer.lr=1e-2", *QUIET]
-    whole = set() if head == "kept" else {"hf.classifier.weight", "hf.classifier.bias"}
+    whole = {"hf.classifier.weight", "hf.classifier.bias"}  # a classifier's head trains whole, new or kept
     cfg = compose(overrides)
     trainable = {name for name, p in build(cfg, cfg.seed).model.named_parameters() if p.requires_grad}
     adapters = {name for name in trainable if re.search(r"\.(query|value)\.lora_[AB]$", name)}
@@ -367,6 +406,26 @@ def test_lora_on_a_pretrained_model_trains_only_adapters_and_its_checkpoint_eval
     metrics = evaluate_checkpoint(result.last_checkpoint, split="val")
     assert metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-6)
     assert metrics["val/accuracy"] == result.metrics["val/accuracy"]
+    if head == "new":  # export merges the adapters onto the folder's base and keeps the label names
+        from transformers import AutoConfig
+
+        from trainkit.commands.export import export_checkpoint
+
+        export_checkpoint(result.last_checkpoint, "hf", tmp_path / "exported")
+        assert AutoConfig.from_pretrained(tmp_path / "exported").id2label == {0: "negative", 1: "positive"}
+
+
+def test_lora_with_default_targets_leaves_the_head_whole(files, compose):
+    """finetune.targets=["*"] matches the classifier's Linear too: it must stay a plain, trainable
+    layer (an adapter on a frozen random head would learn little and break the base fingerprint)."""
+    from torch import nn
+
+    cfg = compose(["model=hf", f"model.pretrained={files / 'bert'}", "data=text",
+                   f"data.train_path={files / 'train.csv'}", f"data.valid_path={files / 'val.csv'}", "+finetune=lora"])
+    model = build(cfg, cfg.seed).model
+    assert type(model.hf.classifier) is nn.Linear and model.hf.classifier.weight.requires_grad
+    assert "classifier" not in {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert sum(hasattr(m, "lora_A") for m in model.modules()) > 4  # the encoder's Linear layers are adapted
 
 
 def test_a_pretrained_model_starts_in_training_mode(files):

@@ -146,7 +146,10 @@ def plain_model(ckpt: str | Path, trust: Sequence[str] = ()) -> tuple[nn.Module,
         from trainkit.data.tokenizers import tokenizer_from_state
         from trainkit.data.translation import runtime_for
 
-        known = runtime_for(tokenizer_from_state(tokenizer))
+        try:
+            known = runtime_for(tokenizer_from_state(tokenizer))
+        except ValueError as error:
+            raise ConfigError(f"export: checkpoint {ckpt}: its tokenizer cannot be read: {error}") from None
     model = rebuild_model(ckpt, state, cfg, "export", known)
     if lora:
         merge_lora(model)

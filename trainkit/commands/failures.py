@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, TrainkitError, did_you_mean
+from trainkit.core.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, TrainkitError, did_you_mean
 
 
 def guarded(run: Callable[[], int | None]) -> int:
@@ -92,7 +92,10 @@ def explain_key_error(error: BaseException, key_error: BaseException) -> str:
     if valid is None and node is not None and "model_type" in node:  # a Hugging Face config (model=hf)
         from trainkit.models.hf import config_keys
 
-        valid = config_keys(node.get("model_type"))
+        try:
+            valid = config_keys(node.get("model_type"))
+        except ConfigError:  # transformers is not installed: no list to suggest from
+            valid = None
         if valid is not None and key in valid:
             return f"{full_key}: not listed in this config yet; add it with +{full_key}=VALUE{where}"
     if valid is None and node is not None and "_target_" in node:

@@ -115,7 +115,10 @@ def load_translator(path: str | Path, device: torch.device,
     tokenizer_state = (state.get("data") or {}).get("tokenizer")
     if tokenizer_state is None:
         raise ConfigError(f"translate: checkpoint {path} holds no tokenizer (not a translation model)")
-    tokenizer = tokenizer_from_state(tokenizer_state)
+    try:
+        tokenizer = tokenizer_from_state(tokenizer_state)
+    except ValueError as error:
+        raise ConfigError(f"translate: checkpoint {path}: its tokenizer cannot be read: {error}") from None
     model = rebuild_model(path, state, cfg, "translate", runtime_for(tokenizer))
     return model.to(device).eval(), tokenizer
 

@@ -12,11 +12,12 @@ INSTALL_HINT = 'pip install "trainkit[hf]"'
 
 
 def transformers_module() -> Any:
+    """``transformers``, or a ``ConfigError`` saying how to install it."""
     try:
         import transformers
     except ImportError:
         raise ConfigError(f"model=hf needs the transformers package: {INSTALL_HINT}") from None
-    transformers.utils.logging.disable_progress_bar()  # no download bars on trainkit's console
+    transformers.utils.logging.disable_progress_bar()  # its bars (loading, writing shards) would cut trainkit's
     return transformers
 
 

@@ -22,7 +22,7 @@ from trainkit.core.errors import ConfigError
 
 log = logging.getLogger("trainkit")
 STATE_VERSION = 1
-FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.(json|txt|model|jinja)\Z")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.(json|txt|model|spm|codes|jinja)\Z")
 MAX_STATE_BYTES = 256 * 2**20
 SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
 
@@ -46,6 +46,10 @@ class HFTokenizer:
         self.eos_id = first_id(tokenizer.eos_token_id, tokenizer.sep_token_id, self.pad_id)
         self.unk_id = tokenizer.unk_token_id
         self.files = saved_files(tokenizer)
+        odd = [name for name in self.files if not FILE_NAME.match(name)]
+        if odd:
+            raise ConfigError(f"data.tokenizer: its file {odd[0]!r} is of a kind trainkit does not keep in "
+                              "checkpoints (json, txt, model, spm, codes, jinja)")
 
     @property
     def vocab_size(self) -> int:
@@ -97,7 +101,7 @@ def load_tokenizer(directory: str | Path, key: str = "data.tokenizer") -> HFToke
     path = check_directory(str(directory), key)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except Exception as error:  # the tokenizers library raises plain Exceptions for malformed files
         text = " ".join(str(error).split())[:300]
         raise ConfigError(f"{key}={directory}: holds no tokenizer transformers can load: {text}") from None
     return HFTokenizer(tokenizer)
@@ -139,4 +143,5 @@ def word_tokenizer(texts: Sequence[str], vocab_size: int) -> HFTokenizer:
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     fast = transformers_module().PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIALS)
-    return HFTokenizer(fast)
+    # Through its saved files, as every later load is: the same files, the same fingerprint (cache key).
+    return from_state(HFTokenizer(fast).state_dict())

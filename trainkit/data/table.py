@@ -148,25 +148,36 @@ def shipped(name: str | None) -> str:
 def split_parts(train_path: str, valid_path: str | None, test_path: str | None, val_fraction: float | None,
                 test_fraction: float | None, seed: int) -> dict[str, Part]:
     """The rows of each split (``train`` always; ``val``, ``test`` when given or held out)."""
-    train = read_table(train_path, "train_path")
-    if SPLIT_COLUMN in train.table.column_names:
-        given = {"valid_path": valid_path, "test_path": test_path, "val_fraction": val_fraction,
-                 "test_fraction": test_fraction}
-        for key, value in given.items():
-            if value is not None:
-                raise ConfigError(f"data.{key}: {train_path} has a {SPLIT_COLUMN!r} column that divides its rows "
-                                  f"already; remove data.{key} (or the column)")
-        return by_column(train)
     for key, path, fraction in (("val", valid_path, val_fraction), ("test", test_path, test_fraction)):
         if path is not None and fraction is not None:
             raise ConfigError(f"data.{key}_fraction={fraction}: the {key} split is data.{'valid' if key == 'val' else key}"
                               f"_path={path} already; set only one of them")
-    if val_fraction is None and valid_path is None:
-        val_fraction = DEFAULT_VAL_FRACTION
-    parts = by_fraction(train, val_fraction or 0.0, test_fraction or 0.0, seed)
+    train = read_table(train_path, "train_path")
+    if SPLIT_COLUMN in train.table.column_names:
+        parts = by_column_and_fraction(train, valid_path, test_path, val_fraction, test_fraction, seed)
+    else:
+        if val_fraction is None and valid_path is None:
+            val_fraction = DEFAULT_VAL_FRACTION
+        parts = by_fraction(train, val_fraction or 0.0, test_fraction or 0.0, seed)
     for split, key, path in (("val", "valid_path", valid_path), ("test", "test_path", test_path)):
         if path is not None:
             parts[split] = read_table(path, key)
+    return parts
+
+
+def by_column_and_fraction(train: Part, valid_path: str | None, test_path: str | None, val_fraction: float | None,
+                           test_fraction: float | None, seed: int) -> dict[str, Part]:
+    """Rows divided by the ``split`` column; a split the column does not hold may come from a
+    fraction of its training rows (a saved ``DatasetDict`` with train and test only) or a file."""
+    parts = by_column(train)
+    given = {"valid_path": ("val", valid_path), "val_fraction": ("val", val_fraction),
+             "test_path": ("test", test_path), "test_fraction": ("test", test_fraction)}
+    for key, (split, value) in given.items():
+        if value is not None and split in parts:
+            raise ConfigError(f"data.{key}: the {SPLIT_COLUMN!r} column of {train.file} gives the {split} rows "
+                              f"already; remove data.{key}")
+    if val_fraction or test_fraction:
+        parts.update(by_fraction(parts["train"], val_fraction or 0.0, test_fraction or 0.0, seed))
     return parts
 
 

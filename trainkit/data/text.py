@@ -129,6 +129,10 @@ class TextData:
     def encode(self, part: Part, max_length: int, cache: Path) -> TokenRows:
         columns = [strings(part, column).to_pylist() for column in self.labels.text]
         ids, offsets, type_ids = cached_tokens(self.tokenizer, columns, max_length, cache)
+        empty = np.flatnonzero(np.diff(offsets) == 0)
+        if len(empty):
+            raise ConfigError(f"{part.where(self.labels.text[0], int(empty[0]))}: the text gives no tokens; "
+                              "fill it in or drop the row")
         targets = target_values(part, self.labels.target, self.labels.classes)
         return TokenRows(ids, offsets, type_ids, targets, self.tokenizer.pad_id)
 
@@ -203,7 +207,8 @@ def cache_key(tokenizer: HFTokenizer, columns: list[list[str]], max_length: int)
     digest.update(tokenizer.fingerprint().encode())
     for column in columns:
         for value in column:
-            digest.update(value.encode("utf-8", "surrogatepass") + b"\x00")
+            data = value.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: no two lists collide
     return digest.hexdigest()
 
 
@@ -236,10 +241,10 @@ def read_cache(path: Path, rows: int, vocab_size: int) -> tuple[np.ndarray, np.n
             ids, offsets = arrays["ids"], arrays["offsets"]
             type_ids = arrays["type_ids"] if "type_ids" in arrays.files else None
         sound = (ids.dtype == np.int32 and offsets.dtype == np.int64 and offsets.shape == (rows + 1,)
-                 and offsets[0] == 0 and offsets[-1] == len(ids) and bool(np.all(np.diff(offsets) > 0))
+                 and offsets[0] == 0 and offsets[-1] == len(ids) and bool(np.all(np.diff(offsets) >= 0))
                  and (len(ids) == 0 or (ids.min() >= 0 and ids.max() < vocab_size))
-                 and (type_ids is None or type_ids.shape == ids.shape))
-    except (OSError, ValueError, KeyError, EOFError) as error:
+                 and (type_ids is None or (type_ids.shape == ids.shape and np.isin(type_ids, (0, 1)).all())))
+    except Exception as error:  # a damaged zip, a missing array: the cache is derived data, made again
         log.warning("data: tokenisation cache %s cannot be read (%s); tokenizing again", path, error)
         return None
     if not sound:

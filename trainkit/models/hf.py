@@ -114,12 +114,12 @@ class HFModel(nn.Module):
         values = data_values(labels, class_names, vocab_size or src_vocab_size, pad_id, bos_id, eos_id,
                              regression=num_classes is None and out_features is not None)
         auto = getattr(transformers, HEADS[head])
-        self.new_parameters: list[str] = []  # made here, not read from the folder: LoRA trains them (a new head)
+        fresh: list[str] = []  # weights the folder did not hold (a head for other labels)
         if hf_config is not None:
             self.hf = auto.from_config(config_from_json(transformers, hf_config))
         elif pretrained is not None:
-            self.hf, self.new_parameters = load_pretrained(transformers, auto, check_directory(pretrained,
-                                                                                               "model.pretrained"), values)
+            directory = check_directory(pretrained, "model.pretrained")
+            self.hf, fresh = load_pretrained(transformers, auto, directory, values)
         else:
             built = config_from_keys(transformers, config)
             for key, value in values.items():
@@ -138,6 +138,9 @@ class HFModel(nn.Module):
                 self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.pad_id is None:
             self.pad_id = self.hf.config.pad_token_id
+        # What fine-tuning with adapters trains whole (finetune=lora): new weights and, for a
+        # classifier, its head (a folder's head was made for other data, even at the same size).
+        self.head_parameters = sorted(set(fresh) | set(head_names(self.hf) if head == "classification" else ()))
         self.train()  # from_pretrained returns the model in eval mode: dropout would stay off in training
 
     @property
@@ -163,8 +166,9 @@ class HFModel(nn.Module):
         if kwargs:  # task=model_loss: the batch as keywords, the library's output (with its loss)
             return self.hf(**({"input_ids": inputs} if inputs is not None else {}), **kwargs)
         if self.head == "seq2seq":
-            return self.hf(input_ids=inputs, attention_mask=self.mask(inputs), decoder_input_ids=tgt_in,
-                           decoder_attention_mask=self.mask(tgt_in)).logits
+            # No decoder mask: the decoder is causal, padded targets are ignored by the loss, and a
+            # decoder start id equal to the pad id (T5, Marian) must stay visible.
+            return self.hf(input_ids=inputs, attention_mask=self.mask(inputs), decoder_input_ids=tgt_in).logits
         if isinstance(inputs, Tensor):
             inputs = {"input_ids": inputs, "attention_mask": self.mask(inputs)}
         output = self.hf(**inputs)
@@ -181,10 +185,14 @@ class HFModel(nn.Module):
                      length_penalty: float = 1.0) -> list[list[int]]:
         """Greedy (``beam_size`` 1) or beam-search outputs of ``transformers``' ``generate``: one
         id list per source row, without the decoder start and cut before the first EOS."""
-        out = self.hf.generate(input_ids=src, attention_mask=self.mask(src), num_beams=beam_size,
-                               max_new_tokens=max_len, length_penalty=length_penalty, do_sample=False,
-                               decoder_start_token_id=bos_id, bos_token_id=bos_id, eos_token_id=eos_id,
-                               pad_token_id=self.pad_id, early_stopping=beam_size > 1)
+        from transformers import GenerationConfig
+
+        # Only trainkit's options: a folder's generation_config.json (no_repeat_ngram_size, forced
+        # tokens, min_length) is not in checkpoints, so validation and translate could differ.
+        config = GenerationConfig(num_beams=beam_size, max_new_tokens=max_len, length_penalty=length_penalty,
+                                  do_sample=False, early_stopping=beam_size > 1, decoder_start_token_id=bos_id,
+                                  bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=self.pad_id)
+        out = self.hf.generate(input_ids=src, attention_mask=self.mask(src), generation_config=config)
         rows = []
         for row in out[:, 1:].tolist():
             rows.append(row[: row.index(eos_id)] if eos_id in row else row)
@@ -193,6 +201,13 @@ class HFModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """The model as ``transformers`` writes it (``from_pretrained(directory)`` loads it)."""
         self.hf.save_pretrained(str(directory))
+
+
+def head_names(model: Any) -> list[str]:
+    """Parameters of a task model outside its base model (the head), as ``HFModel`` names them."""
+    base = getattr(model, "base_model", model)
+    inside = {id(parameter) for parameter in base.parameters()} if base is not model else set()
+    return [f"hf.{name}" for name, parameter in model.named_parameters() if id(parameter) not in inside]
 
 
 def data_values(labels: int | None, class_names: list[str] | None, vocab_size: int | None, pad_id: int | None,
@@ -225,7 +240,7 @@ def load_pretrained(transformers: Any, auto: Any, directory: Path, values: dict[
             setattr(config, key, value)
         model, info = auto.from_pretrained(directory, config=config, local_files_only=True, trust_remote_code=False,
                                            ignore_mismatched_sizes=True, output_loading_info=True)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # safetensors, unpickling and config errors come in many types
         text = " ".join(str(error).split())[:300]
         raise ConfigError(f"model.pretrained={directory}: cannot be loaded as {auto.__name__}: {text}") from None
     embeddings = model.get_input_embeddings()

@@ -83,7 +83,7 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
-def within(name: str, patterns: Sequence[str]) -> bool:
+def held_by(name: str, patterns: Sequence[str]) -> bool:
     """A parameter matches by its own name or that of any module holding it (``classifier``
     matches ``hf.classifier.weight``)."""
     parts = name.split(".")
@@ -102,10 +102,12 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
                targets: Sequence[str] = ("*",), trainable: Sequence[str] = ()) -> int:
     """Freeze ``model`` and wrap every ``nn.Linear`` whose name matches ``targets`` in a
     :class:`LoRALinear`, in place; returns how many layers were adapted. Parameters matching
-    ``trainable`` (and those the model reports as ``new_parameters``: a pretrained model's new
-    head) stay trainable whole and are saved with the adapters."""
+    ``trainable`` (and those the model reports as ``head_parameters``: a Hugging Face model's
+    head) stay trainable whole, without adapters, and are saved with them."""
     tied = tied_parameters(model)
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name]
+    keep = [*trainable, *getattr(model, "head_parameters", ())]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name
+               and not any(held_by(f"{name}.{own}", keep) for own, _ in module.named_parameters())]
     chosen = [(name, module) for name, module in linears if matches(name, targets)]
     skipped = [name for name, module in chosen if id(module.weight) in tied]
     if skipped:  # merging an update into a tied weight would change the embedding too
@@ -116,8 +118,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
         raise ConfigError(f"finetune.targets={list(targets)}: matches no untied nn.Linear of the model "
                           f"(its Linear layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''})")
     model.requires_grad_(False)
-    keep = [*trainable, *getattr(model, "new_parameters", ())]
-    kept = [name for name, _ in model.named_parameters() if within(name, keep)]
+    kept = [name for name, _ in model.named_parameters() if held_by(name, keep)]
     if trainable and not kept:
         raise ConfigError(f"finetune.trainable={list(trainable)}: matches no parameter of the model")
     for name, parameter in model.named_parameters():

@@ -104,6 +104,9 @@ def model_runtime(state: dict[str, Any], cfg: DictConfig, path: str | Path) -> d
     runtime = stored_runtime(state, path)
     if runtime is not None and cfg.get("finetune") is not None:
         runtime.pop("hf_config", None)
+        classes = ((state.get("data") or {}).get("labels") or {}).get("classes")
+        if isinstance(classes, list) and all(isinstance(name, str) for name in classes):
+            runtime["class_names"] = classes  # the label names the stored config no longer carries
     return runtime
 
 
