@@ -163,7 +163,10 @@ def console_logs_above_bars() -> Iterator[None]:
     loggers = [logging.root, *(named for named in logging.root.manager.loggerDict.values()
                                if isinstance(named, logging.Logger))]
     console = {id(handler): handler for logger in loggers for handler in logger.handlers
-               if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)}
+               if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+               and not isinstance(getattr(type(handler), "stream", None), property)}
+    # (A handler whose stream is a read-only property, logging's own last-resort handler that dill
+    # puts on its logger when torch imports it, cannot be redirected; it is left as it is.)
     streams = {handler: handler.setStream(DummyTqdmFile(handler.stream)) for handler in console.values()}
     try:
         yield
