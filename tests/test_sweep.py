@@ -144,7 +144,8 @@ def test_a_preempted_job_stops_the_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_sweep_of_three_trials(tmp_path):
-    out = sweep(tmp_path, "+hparams_search=digits_optuna", "hydra.sweeper.n_trials=3")
+    out = sweep(tmp_path, "+hparams_search=digits_optuna", "hydra.sweeper.n_trials=3", "logging.mlflow=true",
+                "logging.mlflow_tracking_uri=sqlite:///multirun/mlflow.db")
     assert out.returncode == 0, out.stderr
     swept = tmp_path / "sweep"
     rows = summary(swept)
@@ -154,6 +155,7 @@ def test_optuna_sweep_of_three_trials(tmp_path):
     assert "Directions: ['maximize']" in out.stdout + out.stderr  # from trainer.monitor_mode: max
     best_value = float((swept / "optimization_results.yaml").read_text().split("best_value:")[1])
     assert best_value == pytest.approx(float(rows[0]["best val/accuracy"]))
+    assert_mlflow_parent_and_children(tmp_path, swept)
 
 
 def only_sweep_dir(cwd: Path) -> Path:
@@ -163,25 +165,50 @@ def only_sweep_dir(cwd: Path) -> Path:
     return sweeps[0]
 
 
+def assert_mlflow_parent_and_children(cwd: Path, swept: Path) -> None:
+    """The sweep is one MLflow parent run in multirun/mlflow.db with one FINISHED child per job,
+    each holding its job's overrides as params and its final validation metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'multirun' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits_mlp").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"summary.md", "summary.csv"}
+    children = {run.data.tags["trainkit.job"]: run for run in runs if run not in parents}
+    rows = summary(swept)
+    assert len(children) == len(rows) and len(runs) == len(rows) + 1
+    for row in rows:
+        child = children[row["job"]]
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and child.info.status == "FINISHED"
+        for override in row["overrides"].split():
+            key, value = override.lstrip("+~").split("=", 1)
+            assert child.data.params[f"override.{key}"] == value
+        assert child.data.metrics["val/accuracy"] == float(row["val/accuracy"])
+
+
 @pytest.mark.slow
-def test_joblib_runs_two_jobs(cli, tmp_path):
-    out = cli("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+def test_joblib_runs_four_parallel_jobs_as_mlflow_children_of_one_parent(cli, tmp_path):
+    """4 jobs at once write to one SQLite file: no write is lost (issue 17)."""
+    out = cli("train", "-m", *QUICK, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "logging.mlflow=true")
     assert out.returncode == 0, out.stderr
-    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    assert "Joblib.Parallel(n_jobs=4" in out.stdout + out.stderr
     swept = only_sweep_dir(tmp_path)
-    assert [r["status"] for r in summary(swept)] == ["ok", "ok"]
+    assert [r["status"] for r in summary(swept)] == ["ok"] * 4
     assert job_record(swept / "0")["torch_threads"] == 1
+    assert_mlflow_parent_and_children(tmp_path, swept)
 
 
 @pytest.mark.slow
 def test_submitit_local_runs_two_jobs(cli, tmp_path):
     out = cli("train", "-m", *QUICK, "optimizer.lr=1e-3,3e-3", "hydra/launcher=submitit_local",
-              "hydra.launcher.cpus_per_task=1")
+              "hydra.launcher.cpus_per_task=1", "logging.mlflow=true")
     assert out.returncode == 0, out.stderr
     swept = only_sweep_dir(tmp_path)
     assert [r["status"] for r in summary(swept)] == ["ok", "ok"]
     assert (swept / ".submitit").is_dir()
     assert job_record(swept / "1")["torch_threads"] == 1
+    assert_mlflow_parent_and_children(tmp_path, swept)
 
 
 def test_slurm_config_writes_the_batch_script(tmp_path):

@@ -256,7 +256,13 @@ class SweepSummary(Callback):
         # variable, which they inherit: every job lands in this one sweep dir.
         os.environ.setdefault("TRAINKIT_RUN_TIME", str(START_TIME))
         # The Optuna sweeper opens its sqlite study inside the sweep dir before any job makes it.
-        Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if config.logging.mlflow:  # one parent run; each job's run is its child
+            from trainkit.core.mlflow_tracker import start_parent
+
+            start_parent(sweep_uri(config), config.logging.mlflow_experiment or config.name, sweep_dir,
+                         list(config.hydra.overrides.task))
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         from hydra.types import RunMode
@@ -268,8 +274,20 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         rows = write_summary(sweep_dir)
         failed = [row.job for row in rows if row.status.startswith("failed")]
+        if config.logging.mlflow:
+            from trainkit.core.mlflow_tracker import finish_parent
+
+            finish_parent(sweep_dir, sweep_uri(config), bool(failed))
         log.info("sweep: %d jobs, %d failed%s; summary in %s", len(rows), len(failed),
                  f" (jobs {', '.join(map(str, failed))})" if failed else "", sweep_dir / "summary.md")
+
+
+def sweep_uri(config: Any) -> str:
+    """The sweep's MLflow store: ``logging.mlflow_tracking_uri``, or ``<root>/mlflow.db`` with
+    ``<root>`` two levels above the sweep directory (``multirun/``)."""
+    from trainkit.core.mlflow_tracker import tracking_uri
+
+    return tracking_uri(config.logging.mlflow_tracking_uri, Path(str(config.hydra.sweep.dir)).parent.parent)
 
 
 # Small helpers -----------------------------------------------------------------------------------

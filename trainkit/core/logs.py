@@ -1,7 +1,8 @@
-"""What a run reports: metrics.jsonl, TensorBoard scalars under tb/, console lines or a bar.
+"""What a run reports: events to its trackers (metrics.jsonl, TensorBoard, metrics.csv, MLflow;
+``trainkit.core.trackers``), console lines or a bar.
 
-Only the main rank writes; other ranks get a logger that does nothing. TensorBoard and tqdm
-are imported when first used, not at start-up.
+Only the main rank writes; other ranks get a logger that does nothing. TensorBoard, MLflow and
+tqdm are imported when first used, not at start-up.
 
 In a terminal the bar keeps the bottom row: while it is shown, every logging handler that
 writes to stdout or stderr writes through ``tqdm.write`` (the bar is cleared, the record
@@ -12,74 +13,78 @@ Without a terminal there is no bar and no carriage return: plain log lines only.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+from trainkit.core.trackers import CsvTracker, JsonlTracker, TensorBoardTracker, Tracker
 
 log = logging.getLogger("trainkit")
 BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 class RunLogger:
-    """Writes events to ``run_dir`` (metrics.jsonl, tb/) and shows progress.
+    """Hands every event to the run's trackers (``trainkit.core.trackers``) and shows progress.
 
+    The trackers: metrics.jsonl always, TensorBoard (``tensorboard``) and metrics.csv (``csv``)
+    in ``run_dir``, then ``trackers`` (an MLflow run). Ranks other than the main one
+    (``enabled=False``) and a logger without ``run_dir`` write nothing.
     ``progress_bar=None`` shows a bar when stderr is a terminal and plain log lines every
     ``log_every_n_steps`` otherwise, so log files get no carriage-return spam.
+    Used as a context manager, it tells the trackers how the run ended (``finish``) and closes them.
     """
 
     def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = True,
-                 progress_bar: bool | None = None):
+                 progress_bar: bool | None = None, csv: bool = False, trackers: Sequence[Tracker] = ()):
         self.run_dir = Path(run_dir) if run_dir is not None and enabled else None
         self.enabled = enabled
-        self.tensorboard = tensorboard
-        self.use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
-        self._writer = None
-        self._jsonl = None
         self.started = time.monotonic()  # metrics.jsonl's time_s counts from here
+        self.trackers: list[Tracker] = []
+        if self.run_dir is not None:
+            self.trackers = [JsonlTracker(self.run_dir, self.started), *([TensorBoardTracker(self.run_dir)] if tensorboard else []),
+                             *([CsvTracker(self.run_dir)] if csv else []), *trackers]
+        self.use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
         self._bar = None
         self._console = ExitStack()  # undoes the bar and the redirect of console logs
 
-    # Files --------------------------------------------------------------------------------
+    # Trackers -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
-        """One event: a metrics.jsonl line and a TensorBoard scalar per metric."""
-        if self.run_dir is None:
-            return
-        if self._jsonl is None:
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        record = {"step": step, "epoch": epoch, "time_s": round(time.monotonic() - self.started, 3),
-                  **{k: _finite_or_str(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        writer = self.writer()
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
+        """One event, to every tracker (a metrics.jsonl line, TensorBoard scalars, ...)."""
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, step, epoch)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        writer = self.writer()
-        if writer is not None:
-            writer.add_text(tag, text, step)
+        for tracker in self.trackers:
+            tracker.log_text(tag, text, step)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        writer = self.writer()
-        if writer is not None:
-            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        for tracker in self.trackers:
+            tracker.log_hparams(hparams, metrics)
 
     def writer(self):
-        if self.run_dir is None or not self.tensorboard:
-            return None
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # heavy: only when used
+        """TensorBoard's SummaryWriter when TensorBoard is on (images, histograms), else None."""
+        board = next((tracker for tracker in self.trackers if isinstance(tracker, TensorBoardTracker)), None)
+        return board.writer() if board is not None else None
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-        return self._writer
+    def tracker_state(self) -> dict[str, Any]:
+        """What checkpoints keep for the trackers (the MLflow run id)."""
+        return {key: value for tracker in self.trackers for key, value in tracker.state().items()}
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        from trainkit.core.errors import Preempted
+
+        status = "FINISHED" if error is None else "KILLED" if isinstance(error, (Preempted, KeyboardInterrupt)) else "FAILED"
+        self.close()  # files complete before a tracker copies them (train.log, metrics.csv)
+        for tracker in self.trackers:
+            tracker.finish(status)
 
     # Console ------------------------------------------------------------------------------
     def info(self, message: str, *args: Any) -> None:
@@ -135,16 +140,8 @@ class RunLogger:
     def close(self) -> None:
         self._console.close()  # console handlers as before, then the bar's last state stays on its row
         self._bar = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-
-
-def _finite_or_str(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _format(value: float) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from trainkit.core.errors import ConfigError, did_you_mean
+from trainkit.core.mlflow_tracker import uri_problem
 
 
 @dataclass
@@ -71,6 +72,11 @@ class DeviceConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    csv: bool = False  # metrics.csv in the run directory: a row per logged step, a column per metric
+    mlflow: bool = False  # an MLflow run: params, metrics, tags, artifacts (trainkit.core.mlflow_tracker)
+    mlflow_tracking_uri: str | None = None  # null: sqlite:///outputs/mlflow.db (runs), multirun/mlflow.db (sweeps)
+    mlflow_experiment: str | None = None  # null: the experiment's name
+    mlflow_log_checkpoint: bool = False  # also store best.pt as an artifact of the MLflow run
     progress_bar: bool | None = None  # null: a bar in a terminal, plain lines otherwise
     histograms_every_n_steps: int | None = None  # per-layer weight/grad histograms; null: off (free)
 
@@ -197,6 +203,7 @@ def section_problems(cfg: Any) -> list[str]:
         *((value is None or (isinstance(value, int) and value >= 1), f"data.{key}={value}: must be a positive integer")
           for key in ("batch_size", "max_tokens") for value in [data.get(key) if data is not None else None]),
         (data is None or data.get("num_workers", 0) >= 0, f"data.num_workers={data.get('num_workers')}: must be >= 0"),
+        *((False, problem) for problem in [uri_problem(cfg.logging.get("mlflow_tracking_uri"))] if problem),
     ]
     return [message for ok, message in checks if not ok]
 

@@ -71,28 +71,27 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
             if dist.is_main:
                 check_writable(run_dir)
             resume = find_resume(cfg.resume, run_dir)
-            trainer, data = build_trainer(cfg, dist, run_dir)
-            if resume is not None:
-                trainer.load_checkpoint(resume[1], path=resume[0])
-            try:
+            trainer, data = build_trainer(cfg, dist, run_dir, resume[1] if resume is not None else None)
+            with trainer.logger:  # the trackers learn how the run ended (MLflow's run status), then close
+                if resume is not None:
+                    trainer.load_checkpoint(resume[1], path=resume[0])
                 trainer.fit(data.loader("train"), data.loader("val"))
                 test_loader = data.loader("test") if cfg.trainer.test_after_fit else None
                 trainer.stops.raise_if_agreed("before the test pass; last.pt holds the finished training "
                                               "(resume=auto tests it)")
                 test = trainer.test(test_loader) if test_loader is not None else {}
-            finally:
-                trainer.logger.close()
-            return report(cfg, trainer, test, run_dir, time.perf_counter() - started)
+                return report(cfg, trainer, test, run_dir, time.perf_counter() - started)
     finally:
         STOP.clear()
         dist.teardown()
 
 
-def build_trainer(cfg: Any, dist: Dist, run_dir: Path) -> tuple[Trainer, Any]:
-    """The run's parts (``run.build``) in a Trainer; returns it with the data."""
+def build_trainer(cfg: Any, dist: Dist, run_dir: Path, resume_state: dict[str, Any] | None = None) -> tuple[Trainer, Any]:
+    """The run's parts (``run.build``) and its trackers in a Trainer; returns it with the data."""
     from omegaconf import OmegaConf
 
     from trainkit.run.build import build
+    from trainkit.run.trackers import mlflow_tracker
 
     seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
     parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
@@ -100,13 +99,15 @@ def build_trainer(cfg: Any, dist: Dist, run_dir: Path) -> tuple[Trainer, Any]:
         seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
     precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
                           cfg.precision.get("param_dtype"))
-    logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                       progress_bar=cfg.logging.progress_bar)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    mlflow = mlflow_tracker(cfg, run_dir, flat_hparams(cfg), config_yaml, resume_state) if dist.is_main else None
+    logger = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard, csv=cfg.logging.csv,
+                       progress_bar=cfg.logging.progress_bar, trackers=[mlflow] if mlflow is not None else [])
     callbacks = dict(zip((cfg.get("callbacks") or {}).keys(), parts.callbacks))  # state kept by config name
     trainer = Trainer(
         parts.model, parts.optimizer, task=parts.task, scheduler=parts.scheduler, precision=precision,
         dist=dist, run_dir=run_dir, callbacks=callbacks, logger=logger,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), extra_state=data_state(parts.data, run_dir, parts.model),
+        config_yaml=config_yaml, extra_state=run_state(parts, run_dir, logger),
         histograms_every_n_steps=cfg.logging.histograms_every_n_steps, **OmegaConf.to_container(cfg.trainer),
     )
     logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
@@ -133,13 +134,23 @@ def self_launch(cfg: Any, run_dir: Path) -> TrainResult:
     """``distributed.nproc_per_node=N``: train in N workers, return rank 0's result."""
     from omegaconf import OmegaConf
 
+    from trainkit.run.trackers import handed_to_workers
+
     check_writable(run_dir)
-    outcome = launcher.launch(train_model, OmegaConf.to_yaml(cfg, resolve=True), str(run_dir),
-                              cfg.distributed.nproc_per_node)
+    with handed_to_workers(cfg, run_dir):
+        outcome = launcher.launch(train_model, OmegaConf.to_yaml(cfg, resolve=True), str(run_dir),
+                                  cfg.distributed.nproc_per_node)
     if "error" in outcome:
         error_type = {2: ConfigError, EXIT_PREEMPTED: Preempted}.get(outcome["exit_code"], TrainkitError)
         raise error_type(outcome["message"])
     return TrainResult(**outcome)
+
+
+def run_state(parts: Any, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
+    """What checkpoints keep besides the training state: the data's (``data_state``) and the
+    trackers' (``tracking``: the MLflow run a resumed run continues)."""
+    tracking = logger.tracker_state()
+    return {**data_state(parts.data, run_dir, parts.model), **({"tracking": tracking} if tracking else {})}
 
 
 def data_state(data: Any, run_dir: Path, model: Any = None) -> dict[str, Any]:
