@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"  # ddp | fsdp (the model is sharded before its optimizer is made: core.sharding)
 
     @property
     def is_main(self) -> bool:
@@ -40,15 +42,23 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: parameters, gradients and optimizer state sharded over the ranks of a group."""
+        return self.strategy == "fsdp" and torch_dist.is_available() and torch_dist.is_initialized()
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around the model under torch.distributed, the model itself otherwise."""
-        if not self.enabled:
+        """DDP around the model under torch.distributed, the model itself otherwise (also a
+        model FSDP already sharded)."""
+        if not self.enabled or self.sharded:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def no_sync(self, model: nn.Module, skip_sync: bool) -> AbstractContextManager:
-        """Skip the gradient all-reduce on non-final accumulation micro-steps."""
+        """Skip the gradient all-reduce (FSDP: reduce-scatter) on non-final accumulation micro-steps."""
+        if self.sharded and skip_sync:
+            return gradient_sync_off(model)
         if self.enabled and skip_sync:
             return model.no_sync()
         return nullcontext()
@@ -80,6 +90,16 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
+@contextmanager
+def gradient_sync_off(model: nn.Module) -> Iterator[None]:
+    """FSDP2 keeps this micro-step's gradients unsharded on every rank, reduced with the next."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def under_torchrun() -> bool:
     """True in a worker that torchrun (or trainkit's self-launch) started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -90,20 +110,21 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def setup(device_type: str = "auto", backend: str | None = None) -> Dist:
-    """Join the process group torchrun describes in the environment, or run alone."""
+def setup(device_type: str = "auto", backend: str | None = None, strategy: str = "ddp") -> Dist:
+    """Join the process group torchrun describes in the environment, or run alone. FSDP under
+    torchrun joins a group even with one process (sharded checkpoints, one-GPU checks)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_type, local_rank)
-    if world_size == 1:
-        return Dist(device=device)
+    if world_size == 1 and not (strategy == "fsdp" and "TORCHELASTIC_RUN_ID" in os.environ):
+        return Dist(device=device, strategy=strategy)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         init_group(backend)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.ERROR)  # other ranks print nothing but errors
-    return Dist(torch_dist.get_rank(), world_size, local_rank, device)
+    return Dist(torch_dist.get_rank(), world_size, local_rank, device, strategy)
 
 
 def init_group(backend: str | None = None) -> None:

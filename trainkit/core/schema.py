@@ -54,6 +54,9 @@ class TrainerConfig:
 class DistributedConfig:
     nproc_per_node: int = 1  # >1 self-launches that many workers (torchrun semantics)
     backend: str | None = None  # null: nccl on CUDA, gloo otherwise
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard: parameters, gradients, optimizer state sharded)
+    fsdp_wrap: list[str] = field(default_factory=list)  # module classes sharded as units; []: the model's blocks
+    fsdp_reshard_after_forward: bool = True  # free gathered parameters after each block's forward
 
 
 @dataclass
@@ -193,6 +196,9 @@ def section_problems(cfg: Any) -> list[str]:
     data = cfg.data
     checks = [
         (cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1"),
+        (cfg.distributed.strategy in ("ddp", "fsdp"), f"distributed.strategy={cfg.distributed.strategy!r}: must be ddp or fsdp"),
+        (not (cfg.distributed.strategy == "fsdp" and param_dtype), f"precision.param_dtype={param_dtype} with "
+         "distributed.strategy=fsdp: FSDP keeps the model's own dtype; use precision=bf16 or fp16 for mixed precision"),
         (cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps"),
         (dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null"),
         (param_dtype in (None, "float32", "float64"),

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -25,10 +28,10 @@ from trainkit.engine.state import TrainerState
 log = logging.getLogger("trainkit")
 
 
-def read_verified(path: Path) -> dict[str, Any] | None:
+def read_verified(path: Path, weights: bool = True) -> dict[str, Any] | None:
     """A checkpoint that passes its checks, or None (warned) when it does not."""
     try:
-        return checkpoint.load(path)
+        return checkpoint.load(path, weights=weights)
     except ConfigError as error:
         log.warning("%s; not used as this run's best checkpoint", error)
         return None
@@ -49,8 +52,8 @@ def check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: Any, path: Any
                           "start from its weights only with init_from=...")
 
 
-def top_k_name(step: int) -> str:
-    return f"top-step{step:08d}.pt"
+def top_k_name(step: int, suffix: str = ".pt") -> str:
+    return f"top-step{step:08d}{suffix}"
 
 
 def trainer_state_from(saved: Any, path: Any) -> TrainerState:
@@ -70,6 +73,55 @@ def callback_names(callbacks: Sequence[Any] | Mapping[str, Any]) -> dict[str, An
             for index, (name, callback) in enumerate(zip(classes, callbacks))}
 
 
+class CheckpointFolder:
+    """Names in a run's ``checkpoints/`` folder that hold what another name holds (best.pt is
+    last.pt at its step): hard links to files, symbolic links to sharded folders."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def link(self, source: Path, name: str) -> None:
+        """``name`` holds what ``source`` holds: a hard link to a file, a symbolic link to a folder."""
+        if source.is_dir():
+            checkpoint.point(self.directory / name, source)
+        else:
+            checkpoint.link(source, self.directory / name)
+
+    def adopt(self, source: Path, name: str) -> None:
+        """``source`` (another run's) as ``name`` here: a file hard-linked (else copied); a sharded
+        folder's files hard-linked into a folder of the same name, and ``name`` a link to it."""
+        if not checkpoint.is_sharded(source):
+            checkpoint.link(source, self.directory / name)
+            return
+        folder = source.resolve()
+        target = self.directory / folder.name
+        if not target.exists():
+            temporary = self.directory / f".{folder.name}.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            shutil.copytree(folder, temporary, copy_function=hard_link_or_copy)
+            os.replace(temporary, target)
+        checkpoint.point(self.directory / name, target)
+
+    def adopt_lineage(self, source: Path, state: TrainerState, suffix: str, logger: RunLogger) -> None:
+        """Resuming into another run directory: this lineage's best.pt and top-k files come
+        along (hard links, else copies), so best.pt is always the best of the whole lineage."""
+        source_dir = source.resolve().parent
+        if source_dir == self.directory.resolve():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        best = next((c for c in (source_dir / f"best{suffix}", source) if c.exists() and is_lineage_best(
+            (read_verified(c, weights=False) or {}).get("trainer_state", {}), state)), None)
+        if best is not None:
+            self.adopt(best, f"best{suffix}")
+        elif state.best_step is not None:
+            logger.warning("resume: the best checkpoint of this run (step %d) is not in %s; best.pt "
+                           "appears at the next improvement", state.best_step, source_dir)
+        kept = [[value, name] for value, name in state.top_k if (source_dir / name).exists()]
+        for _, name in kept:
+            self.adopt(source_dir / name, name)
+        state.top_k = kept
+
+
 class CheckpointManager:
     """The files of a run's ``checkpoints/`` folder and what goes into them.
 
@@ -78,7 +130,8 @@ class CheckpointManager:
     ``static`` the entries written unchanged (config, version, data state). Without a
     ``directory`` nothing is written. Of the run's ``TrainerState`` it changes ``top_k`` (and,
     on resume, sets ``world_size`` to this run's). Every rank calls ``save`` (it gathers every rank's RNG states);
-    rank 0 writes.
+    rank 0 writes. Under FSDP (``dist.sharded``) every rank writes its shards and the names lose
+    their ``.pt``: ``last``, ``best`` and ``top-step*`` are links to sharded folders (``core.checkpoint``).
     """
 
     def __init__(self, directory: Path | None, dist: Dist, logger: RunLogger, parts: dict[str, Any],
@@ -88,6 +141,9 @@ class CheckpointManager:
         self.save_top_k, self.monitor_mode = save_top_k, monitor_mode
         self.candidate: float | None = None  # the last evaluation's value, when it ranks in the top k
         self.last_step = -1  # the step of the last save
+        self.sharded = dist.sharded
+        self.suffix = "" if self.sharded else ".pt"
+        self.folder = CheckpointFolder(directory) if directory is not None else None
 
     # Saving -------------------------------------------------------------------------------
     def consider(self, value: float, state: TrainerState) -> None:
@@ -100,9 +156,13 @@ class CheckpointManager:
     def saved_at(self, step: int) -> bool:
         return self.last_step == step
 
+    @property
+    def last_path(self) -> Path | None:
+        return self.directory / f"last{self.suffix}" if self.directory is not None else None
+
     def last_file(self) -> Path | None:
         """last.pt when one was written (the last good checkpoint an error message names)."""
-        last = self.directory / "last.pt" if self.directory is not None else None
+        last = self.last_path
         return last if last is not None and last.exists() else None
 
     @property
@@ -113,12 +173,14 @@ class CheckpointManager:
     def better(self, value: float, other: float) -> bool:
         return value < other if self.monitor_mode == "min" else value > other
 
-    def state_dict(self, state: TrainerState, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def state_dict(self, state: TrainerState, rng_ranks: list[dict[str, Any]] | None = None,
+                   skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """One plain dict, loadable with torch.load(weights_only=True), enough to resume exactly.
-        ``rng_ranks``: every rank's RNG states, in rank order (this process's alone by default)."""
+        ``rng_ranks``: every rank's RNG states, in rank order (this process's alone by default);
+        ``skip``: parts left out (a sharded save writes the model and optimizer with DCP)."""
         rng = checkpoint.capture_rng()
         return {
-            **{key: part.state_dict() for key, part in self.parts.items()},
+            **{key: part.state_dict() for key, part in self.parts.items() if key not in skip},
             "trainer_state": asdict(state), "rng": rng, "rng_ranks": rng_ranks or [rng],
             "trainkit_version": __version__,
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")},
@@ -126,8 +188,14 @@ class CheckpointManager:
         }
 
     def write(self, path: str | Path, state: TrainerState, rng_ranks: list[dict[str, Any]] | None = None) -> Path:
-        """Write a resumable checkpoint to ``path`` (main rank only; atomic)."""
+        """Write a resumable checkpoint to ``path`` (main rank only; atomic). Sharded: every rank
+        writes a folder beside ``path`` and ``path`` becomes a link to it; returns the folder."""
         path = Path(path)
+        if self.sharded:
+            token = gather_lists([uuid.uuid4().hex[:8]])[0]  # one folder name on every rank
+            return checkpoint.save_sharded(path, self.parts["model"], self.parts["optimizer"],
+                                           self.state_dict(state, rng_ranks, skip=("model", "optimizer")),
+                                           f"step{state.global_step:08d}-{token}", self.dist.is_main)
         if self.dist.is_main:
             checkpoint.save(self.state_dict(state, rng_ranks), path)
         return path
@@ -139,20 +207,24 @@ class CheckpointManager:
         rng_ranks = gather_lists([checkpoint.capture_rng()])  # a collective: before any rank returns
         candidate, self.candidate = self.candidate, None
         stale = self.rank_top_k(candidate, state) if candidate is not None else []
-        if self.directory is None or not self.dist.is_main:
+        if self.directory is None or not (self.dist.is_main or self.sharded):
             return
-        last = self.write(self.directory / "last.pt", state, rng_ranks)
+        last = self.write(self.last_path, state, rng_ranks)
+        if not self.dist.is_main:
+            return
         if best:
-            checkpoint.link(last, self.directory / "best.pt")
+            self.folder.link(last, f"best{self.suffix}")
         if candidate is not None:
-            checkpoint.link(last, self.directory / top_k_name(state.global_step))
+            self.folder.link(last, top_k_name(state.global_step, self.suffix))
         for name in stale:
             (self.directory / name).unlink(missing_ok=True)
+        if self.sharded:
+            checkpoint.remove_unlinked(self.directory)
 
     def rank_top_k(self, value: float, state: TrainerState) -> list[str]:
         """Put this step's checkpoint among the top k (before last.pt is written, so last.pt
         holds the new ranking); returns the names that fell out."""
-        ranked = sorted([*state.top_k, [value, top_k_name(state.global_step)]],
+        ranked = sorted([*state.top_k, [value, top_k_name(state.global_step, self.suffix)]],
                         key=lambda item: item[0], reverse=self.monitor_mode == "max")
         state.top_k = ranked[: self.save_top_k]
         return [name for _, name in ranked[self.save_top_k:]]
@@ -163,7 +235,7 @@ class CheckpointManager:
         part, the callbacks and this rank's RNGs come back; returns the saved trainer state.
         Resuming into another run directory brings this lineage's best and top-k files along."""
         path = path or (source if not isinstance(source, dict) else "checkpoint")
-        saved = source if isinstance(source, dict) else checkpoint.load(source)
+        saved = source if isinstance(source, dict) else checkpoint.load(source, weights=False)
         checkpoint.check_complete(saved, path)
         self.load_parts(saved, path)
         state = trainer_state_from(saved["trainer_state"], path)
@@ -182,10 +254,17 @@ class CheckpointManager:
         return state
 
     def load_parts(self, saved: dict[str, Any], path: Any) -> None:
-        load_weights(self.parts["model"], saved["model"], path)
-        check_optimizer_fits(self.parts["optimizer"], saved["optimizer"], path)
+        if "sharded" in saved:  # DCP puts the shards this rank holds (any world size) into the live objects
+            checkpoint.load_into(path, self.parts["model"], self.parts["optimizer"])
+        elif self.sharded:
+            raise ConfigError(f"{path}: a single-file checkpoint cannot resume a sharded run (distributed.strategy=fsdp); "
+                              f"resume it with strategy ddp, or start from its weights with init_from={path}")
+        else:
+            load_weights(self.parts["model"], saved["model"], path)
+            check_optimizer_fits(self.parts["optimizer"], saved["optimizer"], path)
+        loaded = ("model", "optimizer") if "sharded" in saved else ("model",)
         for key, part in self.parts.items():
-            if key == "model" or (key == "scaler" and not saved.get(key)):
+            if key in loaded or (key == "scaler" and not saved.get(key)):
                 continue
             try:
                 part.load_state_dict(saved[key])
@@ -212,25 +291,9 @@ class CheckpointManager:
                                 "its own seeded generators", self.dist.rank, len(per_rank))
 
     def adopt_lineage_files(self, source: Path, state: TrainerState) -> None:
-        """Resuming into another run directory: this lineage's best.pt and top-k files come
-        along (hard links, else copies), so best.pt is always the best of the whole lineage."""
-        if self.directory is None or not self.dist.is_main:
-            return
-        source_dir = source.resolve().parent
-        if source_dir == self.directory.resolve():
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        best = next((c for c in (source_dir / "best.pt", source) if c.is_file() and is_lineage_best(
-            (read_verified(c) or {}).get("trainer_state", {}), state)), None)
-        if best is not None:
-            checkpoint.link(best, self.directory / "best.pt")
-        elif state.best_step is not None:
-            self.logger.warning("resume: the best checkpoint of this run (step %d) is not in %s; best.pt "
-                                "appears at the next improvement", state.best_step, source_dir)
-        kept = [[value, name] for value, name in state.top_k if (source_dir / name).is_file()]
-        for _, name in kept:
-            checkpoint.link(source_dir / name, self.directory / name)
-        state.top_k = kept
+        """Resuming into another run directory: this lineage's best and top-k checkpoints come along."""
+        if self.folder is not None and self.dist.is_main:
+            self.folder.adopt_lineage(source, state, self.suffix, self.logger)
 
     # The best checkpoint ------------------------------------------------------------------
     def best_checkpoint(self, state: TrainerState) -> Path | None:
@@ -238,8 +301,8 @@ class CheckpointManager:
         runs it was resumed from) at the best step. A best.pt of another run left in the same
         directory is never used. A cheap look (memory-mapped, unverified): whoever uses the
         weights reads them verified."""
-        path = self.directory / "best.pt" if self.directory is not None else None
-        if path is None or not path.is_file():
+        path = self.directory / f"best{self.suffix}" if self.directory is not None else None
+        if path is None or not path.exists():
             return None
         try:
             saved = checkpoint.read(path, mmap=True).get("trainer_state", {})
@@ -253,11 +316,19 @@ class CheckpointManager:
             return False
         self.dist.barrier()  # every rank, before looking: rank 0 may still be writing best.pt
         best = self.best_checkpoint(state)
-        saved = read_verified(best) if best is not None else None  # one verified read: the weights
+        sharded = best is not None and checkpoint.is_sharded(best)
+        saved = read_verified(best, weights=not sharded) if best is not None else None  # one verified read
         if saved is None or not is_lineage_best(saved.get("trainer_state", {}), state):
             return False
-        model.load_state_dict(saved["model"])
+        checkpoint.load_into(best, model) if sharded else model.load_state_dict(saved["model"])  # sharded: every rank
         return True
+
+
+def hard_link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def is_lineage_best(saved: dict[str, Any], state: TrainerState) -> bool:

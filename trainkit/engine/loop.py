@@ -23,6 +23,7 @@ from trainkit.core.logs import RunLogger
 from trainkit.core.precision import Precision
 from trainkit.core.ranks import Dist, gather_lists, sum_number
 from trainkit.core.schema import TrainerConfig
+from trainkit.core.sharding import full_norm
 from trainkit.core.stop import stop_signals
 from trainkit.data.sampler import set_epoch
 from trainkit.engine.checkpoints import CheckpointManager, callback_names
@@ -241,7 +242,7 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -
     parameters = [p for p in parameters if p.grad is not None]
     if not parameters:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    norm = full_norm(torch.nn.utils.get_total_norm([p.grad for p in parameters]))  # FSDP: over every shard
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm

@@ -19,6 +19,7 @@ from trainkit.core.logs import RunLogger
 from trainkit.core.precision import Precision
 from trainkit.core.ranks import Dist
 from trainkit.core.schema import TrainerConfig
+from trainkit.core.sharding import gathered
 from trainkit.engine.state import TrainerState
 from trainkit.schedulers import Schedule
 from trainkit.tasks import Task
@@ -51,7 +52,7 @@ class ValidationMonitor:
         self.task.eval_start(device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
-        with eval_mode(model):
+        with eval_mode(model), gathered(model):  # FSDP: full parameters, no collective per batch
             for batch in loader:
                 count += self.task.count(batch)
                 with self.precision.autocast():

@@ -158,6 +158,12 @@ class HFModel(nn.Module):
         """The model's config as JSON (no weights), stored in checkpoints as ``hf_config``."""
         return self.hf.config.to_json_string(use_diff=False)
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The units FSDP shards one at a time: the modules the library says not to split
+        (``_no_split_modules``: its layers); ``distributed.fsdp_wrap`` names others."""
+        names = set(getattr(self.hf, "_no_split_modules", None) or ())
+        return [module for module in self.hf.modules() if type(module).__name__ in names]
+
     def runtime_state(self) -> dict[str, Any]:
         """Plain values a checkpoint keeps to rebuild this model without its directory."""
         return {"hf_config": self.architecture()}

@@ -57,6 +57,10 @@ class MLP(nn.Module):
         self.head = nn.Linear(sizes[-1], out_features)
         self.gradient_checkpointing = gradient_checkpointing
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The units FSDP shards one at a time (distributed.strategy=fsdp)."""
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for block in self.blocks:

@@ -369,6 +369,10 @@ class Transformer(nn.Module):
     def _checkpointing(self) -> bool:
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The units FSDP shards one at a time (distributed.strategy=fsdp): every layer."""
+        return [*self.encoder_layers, *self.decoder_layers]
+
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src: [B, S] token ids (pad_id for padding). Returns memory [B, S, D] and src_pad_mask [B, S] (True where padding)."""
         src_pad_mask = src.eq(self.pad_id)

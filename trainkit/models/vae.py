@@ -50,6 +50,10 @@ class VAE(nn.Module):
         self.encoder = mlp([in_features, *hidden_sizes, 2 * latent_dim], activation)
         self.decoder = mlp([latent_dim, *reversed(list(hidden_sizes)), in_features], activation)
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The units FSDP shards one at a time (distributed.strategy=fsdp)."""
+        return [self.encoder, self.decoder]
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=-1)
         return mu, logvar

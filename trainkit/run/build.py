@@ -5,6 +5,7 @@ then checked together with one dry forward (``trainkit.run.checks``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,10 +50,12 @@ def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
 
 
 def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
-          data_state: dict[str, Any] | None = None, stored: dict[str, Any] | None = None) -> Components:
+          data_state: dict[str, Any] | None = None, stored: dict[str, Any] | None = None,
+          place: Callable[[Any], Any] | None = None) -> Components:
     """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
     ``data_state`` (from a checkpoint) gives the data its trained tokenizer back and ``stored``
-    (its ``runtime`` values) the model what it was built with. A config
+    (its ``runtime`` values) the model what it was built with. ``place`` takes the finished
+    model before its optimizer is made (FSDP shards it: ``core.sharding``). A config
     read from a checkpoint must have passed ``check_trusted`` (``inference.read_checkpoint``
     does that and puts the user's own ``trust`` list in it)."""
     from trainkit.core.checkpoint import require_safe_torch
@@ -68,6 +71,8 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
         offered = dict(data.runtime_kwargs())
         model = instantiate(cfg.model, "model", {**offered, **(stored or {})})
         model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
+        if place is not None:
+            model = place(model)
         loss = None
         if cfg.get("loss") is not None:
             loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))

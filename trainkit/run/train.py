@@ -65,7 +65,7 @@ def train_model(cfg: Any, run_dir: str | Path | None = None) -> TrainResult:
     run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
     if cfg.distributed.nproc_per_node > 1 and not ranks.under_torchrun():
         return self_launch(cfg, run_dir)  # N worker processes, each running train_model
-    dist = ranks.setup(cfg.device.type, cfg.distributed.backend)
+    dist = ranks.setup(cfg.device.type, cfg.distributed.backend, cfg.distributed.strategy)
     try:
         with stop_signals():  # a SIGTERM from here on stops the run at the next safe point (exit 75)
             if dist.is_main:
@@ -94,7 +94,7 @@ def build_trainer(cfg: Any, dist: Dist, run_dir: Path, resume_state: dict[str, A
     from trainkit.run.trackers import mlflow_tracker
 
     seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
-    parts = build(cfg, cfg.seed, dist.rank, dist.world_size)
+    parts = build(cfg, cfg.seed, dist.rank, dist.world_size, place=sharding_for(cfg, dist))
     if dist.rank:
         seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
     precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
@@ -113,6 +113,20 @@ def build_trainer(cfg: Any, dist: Dist, run_dir: Path, resume_state: dict[str, A
     logger.info("run directory %s; %s parameters; %d optimizer steps", run_dir,
                 f"{sum(p.numel() for p in parts.model.parameters()):,}", parts.total_steps)
     return trainer, parts.data
+
+
+def sharding_for(cfg: Any, dist: Dist) -> Any:
+    """``distributed.strategy=fsdp`` under a process group: the model is sharded before its
+    optimizer is made (``core.sharding``); None otherwise."""
+    if not dist.sharded:
+        return None
+    from functools import partial
+
+    from trainkit.core.sharding import shard_model
+
+    settings = cfg.distributed
+    return partial(shard_model, device=dist.device, wrap=list(settings.fsdp_wrap or []),
+                   reshard_after_forward=settings.fsdp_reshard_after_forward, compute_dtype=cfg.precision.autocast_dtype)
 
 
 def report(cfg: Any, trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
@@ -168,13 +182,12 @@ def data_state(data: Any, run_dir: Path, model: Any = None) -> dict[str, Any]:
 
 
 def make_result(trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
-    checkpoints = trainer.checkpoint_dir
     unit = trainer.task.count_unit
     return TrainResult(
         monitor=trainer.options.monitor, best_metric=trainer.state.best_metric, metrics=trainer.monitor.final_metrics(), test=test,
         history=trainer.monitor.history,
         best_checkpoint=trainer.checkpoints.best_checkpoint(trainer.state) if trainer.dist.is_main else None,
-        last_checkpoint=checkpoints / "last.pt" if checkpoints else None, run_dir=run_dir,
+        last_checkpoint=trainer.checkpoints.last_path, run_dir=run_dir,
         global_step=trainer.state.global_step, epoch=trainer.state.epoch, wall_time_s=wall_time_s,
         throughput={f"{unit}_per_second": trainer.train_units / max(trainer.train_seconds, 1e-9)},
         stop_reason=trainer.state.stop_reason,
