@@ -41,3 +41,14 @@ def test_bench_perf_quick_run(tmp_path):
     assert 0 <= results["padding"]["bucketed_padding"] < results["padding"]["naive_padding"] < 1
     assert results["padding"]["bucketed_tokens_per_s"] > 0 and results["padding"]["naive_tokens_per_s"] > 0
     assert results["decoding"]["greedy_speedup"] > 1  # incremental decoding is faster even on one repeat
+
+
+def test_bench_fsdp_quick_run_shards_model_state(tmp_path):
+    rows = run_script(str(SCRIPTS / "bench_fsdp.py"), "--quick", "--steps", "2", cwd=tmp_path)
+    results = {(row["strategy"], row["ranks"]): row for row in rows}
+    ddp, fsdp = results["ddp", 2], results["fsdp", 2]
+    assert ddp["params_total"] == fsdp["params_total"] > 0
+    assert ddp["grad_mib"] == ddp["param_mib"] > 0 and ddp["optimizer_mib"] == pytest.approx(2 * ddp["param_mib"], rel=1e-3)
+    assert fsdp["model_state_mib"] < ddp["model_state_mib"]
+    assert fsdp["ratio"] == pytest.approx(0.5, abs=0.01) and fsdp["goal_met"]
+    assert fsdp["peak_rss_end_mib"] >= fsdp["peak_rss_step_mib"] > 0

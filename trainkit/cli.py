@@ -30,7 +30,7 @@ commands:
   validate   [overrides]            compose and build everything, train nothing, report every problem
   eval       ckpt=PATH [split=val|test] [device=cpu] [data.KEY=VALUE]   evaluate a checkpoint with its own config
   translate  ckpt=PATH [input=FILE] [beam=4] [batch_size=64] [max_len=...]   stdin -> stdout
-  export     ckpt=PATH format=safetensors|torchscript|onnx|merged|hf [out=PATH]   the model outside trainkit
+  export     ckpt=PATH format=safetensors|torchscript|onnx|merged|hf|pt [out=PATH]   the model outside trainkit
              (eval, translate, export: trust=[mypkg] lets the checkpoint's stored config build mypkg's targets)
   report     DIR [out=FILE.png]     a sweep's summary table (or a run's result) and a picture of its curves
 

@@ -1,5 +1,6 @@
 """``trainkit export``: a trained model outside trainkit, as safetensors, TorchScript or ONNX,
-as a plain checkpoint with LoRA adapters merged in (``format=merged``), or, for ``model=hf``,
+as a plain checkpoint with LoRA adapters merged in (``format=merged``), as one consolidated
+checkpoint file (``format=pt``, from a sharded ``fsdp`` checkpoint folder), or, for ``model=hf``,
 as a folder ``transformers`` loads with ``from_pretrained`` (``format=hf``).
 
 The model is rebuilt from the config stored in the checkpoint (read with
@@ -50,7 +51,7 @@ from trainkit.core.errors import ConfigError, TrainkitError
 
 log = logging.getLogger("trainkit")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx",
-              "merged": ".merged.pt", "hf": ".hf"}
+              "merged": ".merged.pt", "hf": ".hf", "pt": ".consolidated.pt"}
 ONNX_HINT = 'pip install "trainkit[onnx]"'
 
 
@@ -84,6 +85,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path | None = None,
             written = [write_merged(model, cfg, state, ckpt, draft)]
         elif fmt == "hf":
             written = [write_hf(model, cfg, state, draft)]
+        elif fmt == "pt":
+            written = [write_consolidated(model, cfg, state, ckpt, draft)]
         else:
             {"safetensors": write_safetensors, "torchscript": write_torchscript, "onnx": write_onnx}[fmt](model, draft)
             written = [draft, *write_sidecars(cfg, state, sidecar_base(draft, fmt))]
@@ -266,6 +269,16 @@ def write_merged(model: nn.Module, cfg: Any, state: dict[str, Any], ckpt: str | 
     if state.get("data"):
         merged["data"] = state["data"]
     return checkpoint.save(merged, target)
+
+
+def write_consolidated(model: nn.Module, cfg: Any, state: dict[str, Any], ckpt: str | Path, target: Path) -> Path:
+    """``format=pt``: one checkpoint file with the full weights (a sharded folder's gathered) and
+    everything else the checkpoint holds but the optimizer state (which stays sharded): enough
+    for eval, translate, export and ``init_from``; resume from the folder itself."""
+    plain = {key: value for key, value in state.items() if key not in ("optimizer", "sharded", "checksums")}
+    plain.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 config=OmegaConf.to_yaml(cfg, resolve=True), consolidated_from=str(ckpt))
+    return checkpoint.save(plain, target)
 
 
 def write_hf(model: nn.Module, cfg: Any, state: dict[str, Any], target: Path) -> Path:

@@ -197,8 +197,6 @@ def section_problems(cfg: Any) -> list[str]:
     checks = [
         (cfg.distributed.nproc_per_node >= 1, f"distributed.nproc_per_node={cfg.distributed.nproc_per_node}: must be at least 1"),
         (cfg.distributed.strategy in ("ddp", "fsdp"), f"distributed.strategy={cfg.distributed.strategy!r}: must be ddp or fsdp"),
-        (not (cfg.distributed.strategy == "fsdp" and param_dtype), f"precision.param_dtype={param_dtype} with "
-         "distributed.strategy=fsdp: FSDP keeps the model's own dtype; use precision=bf16 or fp16 for mixed precision"),
         (cfg.device.type in ("auto", "cpu", "cuda", "mps"), f"device.type={cfg.device.type!r}: must be one of auto, cpu, cuda, mps"),
         (dtype in (None, "bfloat16", "float16"), f"precision.autocast_dtype={dtype!r}: must be bfloat16, float16 or null"),
         (param_dtype in (None, "float32", "float64"),

@@ -42,9 +42,10 @@ def block_modules(model: nn.Module, wrap: Sequence[str]) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, device: torch.device, wrap: Sequence[str] = (), reshard_after_forward: bool = True,
-                compute_dtype: str | None = None) -> nn.Module:
+                compute_dtype: str | None = None, param_dtype: str | None = None) -> nn.Module:
     """``fully_shard`` each block, then the root, on a 1-D mesh of all ranks; returns the model
-    (sharded in place, now an ``FSDPModule``)."""
+    (sharded in place, now an ``FSDPModule``). ``param_dtype`` (``precision=fp64``) converts the
+    parameters first, as ``Precision.prepare_model`` does for an unsharded model."""
     import torch.distributed as torch_dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -53,7 +54,7 @@ def shard_model(model: nn.Module, device: torch.device, wrap: Sequence[str] = ()
     dtype = getattr(torch, compute_dtype) if compute_dtype else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
-    model.to(device)
+    model.to(device, dtype=getattr(torch, param_dtype) if param_dtype else None)
     blocks = block_modules(model, wrap)
     for block in blocks:
         fully_shard(block, **options)

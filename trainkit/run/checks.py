@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trainkit.core.devices import eval_mode, move_to
 from trainkit.core.errors import ConfigError
+from trainkit.core.precision import cast_floating
 from trainkit.data.sampler import BatchPlan
 
 SAMPLES = 4  # samples in the dry forward's batch
@@ -48,6 +49,8 @@ def check_fit(cfg: Any, data: Any, model: nn.Module, task: Any) -> None:
         parameter = next(model.parameters(), None)
         if parameter is not None and parameter.device.type != "cpu":  # a model that placed itself
             batch = move_to(batch, parameter.device)
+        if parameter is not None and parameter.dtype == torch.float64:  # FSDP converts before it shards (fp64)
+            batch = cast_floating(batch, torch.float64)
         with eval_mode(model), torch.no_grad(), recording(model, task) as seen:
             try:
                 problem = dry_forward(model, task, batch)

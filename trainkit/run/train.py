@@ -126,7 +126,8 @@ def sharding_for(cfg: Any, dist: Dist) -> Any:
 
     settings = cfg.distributed
     return partial(shard_model, device=dist.device, wrap=list(settings.fsdp_wrap or []),
-                   reshard_after_forward=settings.fsdp_reshard_after_forward, compute_dtype=cfg.precision.autocast_dtype)
+                   reshard_after_forward=settings.fsdp_reshard_after_forward, compute_dtype=cfg.precision.autocast_dtype,
+                   param_dtype=cfg.precision.get("param_dtype"))
 
 
 def report(cfg: Any, trainer: Trainer, test: dict[str, float], run_dir: Path, wall_time_s: float) -> TrainResult:
