@@ -32,6 +32,11 @@ def test_bench_loop_compares_the_contenders_in_both_modes(tmp_path):
     assert separate["trainkit/raw"] == pytest.approx(separate["trainkit_ms"] / separate["raw_ms"])
     assert interleaved["raw_vs_twin"] > 0 and interleaved["trainkit_vs_twin"] > 0
     assert interleaved["trainkit/raw"] == pytest.approx(interleaved["trainkit_vs_twin"] / interleaved["raw_vs_twin"])
+    # --tracking's contender, one worker (MLflow's import and SQLite tables are most of its ~7 s):
+    # it fails unless its MLflow run started and every batch of metrics was sent without error.
+    tracked = run_script(str(SCRIPTS / "bench_loop.py"), "--worker", "trainkit+mlflow+csv", "mlp", "30", "--twin",
+                         cwd=tmp_path)[-1]
+    assert tracked["steps"] == 9 and tracked["ratio_to_twin"] > 0 and tracked["window_mean_diff_to_twin_s"] != 0
 
 
 def test_bench_perf_quick_run(tmp_path):

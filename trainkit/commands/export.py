@@ -276,7 +276,10 @@ def write_consolidated(model: nn.Module, cfg: Any, state: dict[str, Any], ckpt: 
     everything else the checkpoint holds but the optimizer state (which stays sharded): enough
     for eval, translate, export and ``init_from``; resume from the folder itself."""
     plain = {key: value for key, value in state.items() if key not in ("optimizer", "sharded", "checksums")}
-    plain.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if weights.keys() == state["model"].keys():  # nothing merged: the stored tensors, in their own dtype
+        weights = dict(state["model"])
+    plain.update(model=weights,
                  config=OmegaConf.to_yaml(cfg, resolve=True), consolidated_from=str(ckpt))
     return checkpoint.save(plain, target)
 

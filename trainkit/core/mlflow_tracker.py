@@ -42,7 +42,8 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 SCHEMES = {"sqlite", "http", "https", "databricks", "databricks-uc", "uc", "postgresql", "mysql", "mssql"}
 BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 PARAMS_BATCH = 100  # params per log_batch call (MLflow's limit)
-LOCKED_RETRIES = 8  # SQLite "database is locked": tries, with growing pauses (about 13 s in all)
+LOCKED_RETRIES = 8  # SQLite "database is locked": tries, with growing pauses (about 6 s in all)
+FLUSH_SECONDS = 2.0  # metrics wait at most this long to be sent together (BENCHMARKS.md: tracking overhead)
 
 
 # The store --------------------------------------------------------------------------------------
@@ -263,13 +264,18 @@ class MlflowTracker(Tracker):
             self.queue.put((dict(metrics), step, int(time.time() * 1000)))
 
     def send_queued(self) -> None:
-        """The sender thread: everything queued so far in one batch, until ``None`` arrives."""
+        """The sender thread: what arrives within ``FLUSH_SECONDS`` of the first event in one
+        batch (each send costs the loop's process milliseconds of CPU), until ``None`` arrives."""
         from mlflow.entities import Metric
 
         while True:
             events = [self.queue.get()]
-            while not self.queue.empty() and len(events) < BATCH:
-                events.append(self.queue.get())
+            deadline = time.monotonic() + FLUSH_SECONDS  # one SQLite transaction every few seconds at most
+            while events[-1] is not None and len(events) < BATCH:
+                try:
+                    events.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
             done = events[-1] is None
             metrics = [Metric(metric_name(key), float(value), stamp, step)
                        for event in events if event is not None
