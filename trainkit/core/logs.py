@@ -36,7 +36,8 @@ class RunLogger:
     (``enabled=False``) and a logger without ``run_dir`` write nothing.
     ``progress_bar=None`` shows a bar when stderr is a terminal and plain log lines every
     ``log_every_n_steps`` otherwise, so log files get no carriage-return spam.
-    Used as a context manager, it tells the trackers how the run ended (``finish``) and closes them.
+    Used as a context manager, it closes the trackers (files complete) and then tells them how the
+    run ended (``finish``: an MLflow run uploads its artifacts and status).
     """
 
     def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = True,
