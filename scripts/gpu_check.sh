@@ -10,7 +10,8 @@
 # The lent GPU machine has torch but not hydra-core, omegaconf or antlr4: carry their wheels in
 # shared/wheels (pip download -d shared/wheels hydra-core==1.3.8 omegaconf==2.3.1
 # antlr4-python3-runtime==4.9.3 sacrebleu sentencepiece) and this script installs them offline.
-# Not yet here: the sync-free step and its CUDA sync-debug test (issue 18 item 5, see the note).
+# The sync-free step: tests/test_cuda.py runs training steps under
+# torch.cuda.set_sync_debug_mode("error") (any host sync in a step fails it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$(mktemp -d)}"
@@ -43,6 +44,8 @@ EOF
 if [[ $DEVICE == cuda ]]; then
   if python -m pytest -q -p no:cacheprovider -k "cuda" tests > "$WORK/pytest.log" 2>&1; then status=passed; else status=failed; fi
   row "CUDA-marked tests" "$status" "$(tail -1 "$WORK/pytest.log")"
+  if python -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$WORK/sync.log" 2>&1; then status=passed; else status=failed; fi
+  row "steps under set_sync_debug_mode(error) (tests/test_cuda.py)" "$status" "$(tail -1 "$WORK/sync.log")"
 fi
 
 # 2. Precisions: the same steps in fp32, bf16 and fp16; final validation losses side by side.
@@ -76,11 +79,17 @@ EOF
 )
 row "resume at step $half of $STEPS (CUBLAS_WORKSPACE_CONFIG set)" "${same:-failed}" "whole vs stopped+resumed"
 
-# 5. trainkit against a raw loop, one step time ratio (scripts/bench_loop.py, interleaved).
-if [[ $DEVICE == cuda ]]; then
-  python scripts/bench_loop.py --cases nmt --modes interleaved --rounds 2 > "$WORK/loop.log" 2>&1
-  row "trainkit/raw step time (nmt)" "$(grep -m1 -i 'trainkit/raw' "$WORK/loop.log" | tr '|' ' ' | xargs)" "scripts/bench_loop.py"
-fi
+# 5. trainkit against a raw loop: step time ratio on the GPU (scripts/bench_gpu_step.py)
+# (a 48M-parameter Transformer, windows of steps alternating, each ending in a device sync)
+for precision in bf16 fp32; do
+  if [[ $DEVICE == cpu && $precision == bf16 ]]; then continue; fi
+  if [[ $DEVICE == cpu ]]; then flags="--cpu --windows 2 --steps 4"; else flags=""; fi
+  if python scripts/bench_gpu_step.py $flags --precision $precision --json "$WORK/step_$precision.json" > "$WORK/step_$precision.log" 2>&1; then
+    row "trainkit/raw step time, $precision" "$(python -c "import json; r = json.load(open('$WORK/step_$precision.json')); print(f\"{r['ratio']:.3f} ({r['trainkit_ms_per_step']} vs {r['raw_ms_per_step']} ms/step)\")")" "scripts/bench_gpu_step.py"
+  else
+    row "trainkit/raw step time, $precision" "failed" "see $WORK/step_$precision.log"
+  fi
+done
 
 {
   echo "## GPU check ($(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only")'), torch $(python -c 'import torch; print(torch.__version__)'))"

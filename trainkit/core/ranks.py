@@ -67,7 +67,8 @@ class Dist:
         """Element-wise sum over ranks (exact: sums and counts, never means of means)."""
         if not self.enabled:
             return values
-        reduced = values.to(self.comm_device, copy=True)
+        on_host = values.device.type == "cpu" and self.host_comm_device.type == "cpu"
+        reduced = values.to(values.device if on_host else self.comm_device, copy=True)
         torch_dist.all_reduce(reduced)
         return reduced.to(values.device)
 
@@ -75,11 +76,20 @@ class Dist:
         """True on every rank if it is true on any rank (agree on stopping at one step)."""
         if not self.enabled:
             return flag
-        return bool(self.sum(torch.tensor([float(flag)], device=self.comm_device)).item())
+        return bool(self.sum(torch.tensor([float(flag)], device=self.host_comm_device)).item())
 
     @property
     def comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def host_comm_device(self) -> torch.device:
+        """Where numbers the host holds (a stop flag, a step's sample count) are reduced: on the
+        CPU through the group's gloo part, so reading the result never waits for the GPU (each
+        step reduces such numbers); on the GPU only when the group is NCCL alone."""
+        if self.comm_device.type == "cuda" and torch_dist.is_initialized() and torch_dist.get_backend() == "nccl":
+            return self.comm_device
+        return torch.device("cpu")
 
     def barrier(self) -> None:
         if self.enabled:
@@ -156,7 +166,7 @@ def sum_number(dist: Dist, value: float) -> float:
     """A host number summed over ranks (one small all-reduce under DDP, free otherwise)."""
     if not dist.enabled:
         return value
-    return float(dist.sum(torch.tensor([float(value)], dtype=torch.float64, device=dist.comm_device)).item())
+    return float(dist.sum(torch.tensor([float(value)], dtype=torch.float64, device=dist.host_comm_device)).item())
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:

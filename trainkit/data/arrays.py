@@ -43,7 +43,7 @@ class ArrayData:
     """
 
     def __init__(self, name: str = "digits", path: str | None = None, batch_size: int = 64,
-                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False,
+                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         file = Path(path) if path else FILES / f"{name}.npz"
         try:

@@ -120,7 +120,7 @@ class DatasetData:
 
     def __init__(self, train: Any = None, val: Any = None, test: Any = None, collate_fn: Any = None,
                  batch_size: int = 64, shuffle: bool = True, drop_last: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 pin_memory: bool | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
         built = {split: build_dataset(spec, split) for split, spec in (("train", train), ("val", val), ("test", test))}
         self.splits = {split: dataset for split, dataset in built.items() if dataset is not None}
         if "train" not in self.splits:

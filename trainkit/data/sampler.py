@@ -150,7 +150,7 @@ class SplitLoading:
     batch_size: int = 64
     shuffle: bool = True
     num_workers: int = 0
-    pin_memory: bool = False
+    pin_memory: bool | None = False  # None (the configs' null): on when training on CUDA (run.build)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -180,7 +180,7 @@ class SplitLoading:
         index list and returns the batch (one indexing call per batch); with one, the dataset
         returns one sample per index and ``collate_fn`` makes the batch. A private generator
         keeps DataLoader's worker seeding off the global RNG."""
-        common = dict(generator=torch.Generator(), num_workers=self.num_workers, pin_memory=self.pin_memory,
+        common = dict(generator=torch.Generator(), num_workers=self.num_workers, pin_memory=bool(self.pin_memory),
                       persistent_workers=self.num_workers > 0)
         if collate_fn is None:
             return DataLoader(dataset, sampler=plan, batch_size=None, **common)

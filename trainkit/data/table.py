@@ -427,7 +427,7 @@ class TableData:
     def __init__(self, train_path: str | None, target: str, valid_path: str | None = None, test_path: str | None = None,
                  features: list[str] | None = None, categorical: list[str] = (), val_fraction: float | None = None,
                  test_fraction: float | None = None, standardize: bool = True, batch_size: int = 64,
-                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False, task: str = "auto",
+                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool | None = None, task: str = "auto",
                  name: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  data_state: dict[str, Any] | None = None):
         if batch_size < 1:

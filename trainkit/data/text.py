@@ -101,7 +101,7 @@ class TextData:
                  model_dir: str | None = None, max_length: int = 128, vocab_size: int = 8000,
                  batch_size: int = 32, max_tokens: int | None = None, val_fraction: float | None = None,
                  test_fraction: float | None = None, shuffle: bool = True, num_workers: int = 0,
-                 pin_memory: bool = False, cache_dir: str | None = None, task: str = "auto", name: str | None = None,
+                 pin_memory: bool | None = None, cache_dir: str | None = None, task: str = "auto", name: str | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, data_state: dict[str, Any] | None = None):
         if batch_size < 1 or max_length < 2:
             raise ConfigError(f"data: batch_size={batch_size} must be at least 1 and max_length={max_length} at least 2")

@@ -98,7 +98,7 @@ class TranslationData:
                  valid_path: str | None = None, test_path: str | None = None,
                  tokenizer: str = "bpe", vocab_size: int = 256, max_tokens: int | None = 4096,
                  batch_size: int | None = None, max_len: int = 128, shuffle: bool = True,
-                 num_workers: int = 0, pin_memory: bool = False, cache_dir: str | None = None,
+                 num_workers: int = 0, pin_memory: bool | None = None, cache_dir: str | None = None,
                  max_pairs: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  data_state: dict[str, Any] | None = None):
         if max_tokens is None and batch_size is None:

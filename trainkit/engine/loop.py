@@ -29,7 +29,7 @@ from trainkit.data.sampler import set_epoch
 from trainkit.engine.checkpoints import CheckpointManager, callback_names
 from trainkit.engine.meter import LossMeter
 from trainkit.engine.state import TrainerState
-from trainkit.engine.stopping import NonFinitePolicy, StopRequests
+from trainkit.engine.stopping import NonFinitePolicy, StopRequests, skips_on_device
 from trainkit.engine.validation import ValidationMonitor
 from trainkit.schedulers import Schedule
 from trainkit.tasks import ModelLossTask, SupervisedTask, Task
@@ -80,11 +80,11 @@ class Trainer:
         # One lineage id for all ranks (rank 0's): best.pt is recognised by it on every rank.
         self.state = TrainerState(world_size=self.dist.world_size, lineage=gather_lists([uuid.uuid4().hex])[0])
         self.schedule, self.meter = schedule, LossMeter(self.device)
-        self.grad_norm = torch.zeros(())
-        self.total_steps = options.max_steps or 0
+        self.grad_norm, self.total_steps = torch.zeros(()), options.max_steps or 0
         self.train_seconds = self.train_units = 0.0
-        self.stops, self.nonfinite = StopRequests(self.dist, self.logger), NonFinitePolicy(options, self.logger)
-        self.layer_stats = LayerStats(histograms_every_n_steps, self.logger)
+        self.stops, self.layer_stats = StopRequests(self.dist, self.logger), LayerStats(histograms_every_n_steps, self.logger)
+        self.nonfinite = NonFinitePolicy(options, self.logger, self.meter, self.checkpoints.last_file,
+                                         on_device=skips_on_device(self.device, optimizer))
 
     # The loop -------------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -146,11 +146,9 @@ class Trainer:
         scaler.unscale_(self.optimizer)
         self.grad_norm = clip_gradients(self.model.parameters(), self.options.clip_grad_norm)
         self.layer_stats.maybe_log(self.model, self.state.global_step + 1)
-        if self.nonfinite.allows_update(self.grad_norm, scaler.is_enabled(), self.state, self.checkpoints.last_file):
-            scaler.step(self.optimizer)
-            scaler.update()
-            for loss_sum, count, terms in losses:
-                self.meter.add(loss_sum, count, terms)
+        applied = self.nonfinite.update(self.optimizer, scaler, self.grad_norm, self.state, sum(counts))
+        for loss_sum, count, terms in losses:
+            self.meter.add(loss_sum, count, terms, keep=applied)  # a skipped update's losses are not metered
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.after_step()
         self.state.global_step += 1
@@ -179,6 +177,7 @@ class Trainer:
     def after_epoch(self, val_loader: Iterable | None) -> None:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
+        self.nonfinite.settle(self.state)
         epoch_loss = self.meter.read_epoch(self.dist)
         self.logger.log_metrics({"train/epoch_loss": epoch_loss}, self.state.global_step, self.state.epoch)
         by_steps = self.options.eval_every_n_steps is not None
@@ -197,10 +196,12 @@ class Trainer:
         """Save when due, when the metric improved, or when the validation ranks in the top k.
         Without validation, best.pt is the latest checkpoint."""
         if improved or due or self.checkpoints.wants_save:
+            self.nonfinite.settle(self.state)  # a checkpoint never holds an unread non-finite step
             latest_is_best = self.state.best_step is None and not self.monitor.validated
             self.checkpoints.save(self.state, best=improved or latest_is_best)
 
     def log_train(self) -> None:
+        self.nonfinite.settle(self.state)
         metrics = self.meter.train_metrics(self.dist, self.optimizer.param_groups[0]["lr"], self.grad_norm,
                                            self.task.count_unit)
         self.logger.log_metrics(metrics, self.state.global_step, self.state.epoch)

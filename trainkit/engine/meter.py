@@ -33,7 +33,17 @@ class LossMeter:
         self.steps = 0
         self.seconds = 0.0
 
-    def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None) -> None:
+    def add(self, loss_sum: torch.Tensor, count: int, terms: dict[str, torch.Tensor] | None = None,
+            keep: bool | torch.Tensor = True) -> None:
+        """A micro-batch's summed loss over ``count`` units. ``keep``: whether its update was
+        applied; False drops it, a device flag masks it on the device (its units leave with
+        ``drop_units`` once the flag is read)."""
+        if keep is False:
+            return
+        if isinstance(keep, torch.Tensor):
+            zero = torch.zeros((), dtype=loss_sum.dtype, device=loss_sum.device)
+            loss_sum = torch.where(keep, loss_sum, zero)
+            terms = {name: torch.where(keep, value.detach(), zero.to(value.dtype)) for name, value in (terms or {}).items()}
         self.pending.append(loss_sum)
         if len(self.pending) >= 1024:  # long logging windows: bounded memory, one kernel per 1,024 steps
             self.fold()
@@ -41,6 +51,11 @@ class LossMeter:
             self.terms.setdefault(name, []).append(value.detach())
         self.units += count
         self.epoch_units += count
+
+    def drop_units(self, units: float) -> None:
+        """Units of a step whose update was skipped (its losses were masked on the device)."""
+        self.units -= units
+        self.epoch_units -= units
 
     def add_step(self, seconds: float) -> None:
         self.steps += 1

@@ -11,9 +11,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainkit.core.builder import check_node, instantiate, parse_trust, trusting
+from trainkit.core.builder import (
+    accepted,
+    check_node,
+    instantiate,
+    parse_trust,
+    resolve_target,
+    trusting,
+)
 from trainkit.core.errors import ConfigError, ConfigErrors
 from trainkit.core.schema import check_values
+from trainkit.core.sharding import compile_blocks
 from trainkit.losses import reduction_sum
 from trainkit.techniques.lora import apply_finetune
 
@@ -51,11 +59,12 @@ def optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
 
 def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
           data_state: dict[str, Any] | None = None, stored: dict[str, Any] | None = None,
-          place: Callable[[Any], Any] | None = None) -> Components:
+          place: Callable[[Any], Any] | None = None, device_type: str = "cpu") -> Components:
     """Data, model, loss, task, optimizer, scheduler and callbacks from a composed config.
     ``data_state`` (from a checkpoint) gives the data its trained tokenizer back and ``stored``
     (its ``runtime`` values) the model what it was built with. ``place`` takes the finished
-    model before its optimizer is made (FSDP shards it: ``core.sharding``). A config
+    model before its optimizer is made (FSDP shards it: ``core.sharding``); ``device_type``
+    where the run trains (on CUDA: ``cuda_defaults``). A config
     read from a checkpoint must have passed ``check_trusted`` (``inference.read_checkpoint``
     does that and puts the user's own ``trust`` list in it)."""
     from trainkit.core.checkpoint import require_safe_torch
@@ -65,14 +74,17 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
     if problems:
         raise ConfigErrors(problems) if len(problems) > 1 else problems[0]
     # A distillation teacher built here checks its checkpoint against the run's own trust list.
+    pinning, fusing = cuda_defaults(cfg) if device_type == "cuda" else ({}, {})
     with trusting(parse_trust(cfg.get("trust"))):
         data = instantiate(cfg.data, "data", {"seed": seed, "rank": rank, "world_size": world_size,
-                                              "data_state": data_state})
+                                              "data_state": data_state}, **pinning)
         offered = dict(data.runtime_kwargs())
         model = instantiate(cfg.model, "model", {**offered, **(stored or {})})
         model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
         if place is not None:
             model = place(model)
+            if cfg.trainer.compile:  # a sharded root compiles nothing: its blocks are compiled instead
+                compile_blocks(model)
         loss = None
         if cfg.get("loss") is not None:
             loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))
@@ -80,7 +92,7 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
         train_loader = data.loader("train")
         steps_per_epoch, total_steps = optimizer_steps(cfg, len(train_loader))
         weight_decay = cfg.optimizer.get("weight_decay", 0.0) or 0.0
-        optimizer = instantiate(cfg.optimizer, "optimizer", params=param_groups(model, weight_decay))
+        optimizer = instantiate(cfg.optimizer, "optimizer", params=param_groups(model, weight_decay), **fusing)
         scheduler_runtime = {"total_steps": total_steps, "d_model": getattr(model, "d_model", None),
                              "mode": cfg.trainer.monitor_mode}
         scheduler = None
@@ -94,6 +106,18 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
 
     check_fit(cfg, data, model, task)  # one dry forward: a misfit is a ConfigError now, not at step 1
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
+
+
+def cuda_defaults(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What training on CUDA changes, unless the config says otherwise: batches in pinned host
+    memory (``data.pin_memory: null``), so their copies to the GPU overlap the step, and a
+    fused optimizer (``optimizer.fused`` unset, for optimizers that have one), which skips a
+    non-finite update on the device without the step waiting for it (``engine.stopping``)."""
+    pinning = {"pin_memory": True} if "pin_memory" in cfg.data and cfg.data.pin_memory is None else {}
+    fusing = {}
+    if cfg.optimizer.get("fused") is None and "fused" in accepted(resolve_target(cfg.optimizer, "optimizer"))[0]:
+        fusing = {"fused": True}
+    return pinning, fusing
 
 
 def validate(cfg: DictConfig) -> list[ConfigError]:

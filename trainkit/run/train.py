@@ -94,7 +94,7 @@ def build_trainer(cfg: Any, dist: Dist, run_dir: Path, resume_state: dict[str, A
     from trainkit.run.trackers import mlflow_tracker
 
     seed_everything(cfg.seed)  # every rank builds the same data, model and adapters
-    parts = build(cfg, cfg.seed, dist.rank, dist.world_size, place=sharding_for(cfg, dist))
+    parts = build(cfg, cfg.seed, dist.rank, dist.world_size, place=sharding_for(cfg, dist), device_type=dist.device.type)
     if dist.rank:
         seed_everything(rank_seed(cfg.seed, dist.rank))  # then dropout and augmentation differ by rank
     precision = Precision(dist.device, cfg.precision.autocast_dtype, cfg.precision.grad_scaling, cfg.precision.name,
