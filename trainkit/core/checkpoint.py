@@ -253,10 +253,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", weights: bo
     return state
 
 
-def read(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+def read(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with every failure turned into a ``ConfigError``; not
     verified. ``mmap=True`` leaves tensor bytes on disk (a cheap look at the small values)."""
     require_safe_torch()
+    path = Path(path)
     if is_sharded(path):
         return read(path / META, map_location, mmap)
     if path.is_dir():

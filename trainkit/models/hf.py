@@ -162,7 +162,8 @@ class HFModel(nn.Module):
         """The units FSDP shards one at a time: the modules the library says not to split
         (``_no_split_modules``: its layers); ``distributed.fsdp_wrap`` names others."""
         names = set(getattr(self.hf, "_no_split_modules", None) or ())
-        return [module for module in self.hf.modules() if type(module).__name__ in names]
+        # by the class or a base: once sharded, a layer's class is FSDP's subclass (FSDPBartEncoderLayer)
+        return [module for module in self.hf.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
 
     def runtime_state(self) -> dict[str, Any]:
         """Plain values a checkpoint keeps to rebuild this model without its directory."""
@@ -198,7 +199,11 @@ class HFModel(nn.Module):
         config = GenerationConfig(num_beams=beam_size, max_new_tokens=max_len, length_penalty=length_penalty,
                                   do_sample=False, early_stopping=beam_size > 1, decoder_start_token_id=bos_id,
                                   bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=self.pad_id)
-        out = self.hf.generate(input_ids=src, attention_mask=self.mask(src), generation_config=config)
+        # synced_gpus=False: under FSDP transformers would all-reduce at every new token, but trainkit
+        # decodes with the parameters gathered (core.sharding.gathered), where ranks decode different
+        # numbers of batches: a collective there mismatches and aborts the run.
+        out = self.hf.generate(input_ids=src, attention_mask=self.mask(src), generation_config=config,
+                               synced_gpus=False)
         rows = []
         for row in out[:, 1:].tolist():
             rows.append(row[: row.index(eos_id)] if eos_id in row else row)

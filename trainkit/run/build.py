@@ -83,8 +83,6 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
         model = apply_finetune(cfg, model, data)  # init_from weights, +finetune=lora adapters
         if place is not None:
             model = place(model)
-            if cfg.trainer.compile:  # a sharded root compiles nothing: its blocks are compiled instead
-                compile_blocks(model)
         loss = None
         if cfg.get("loss") is not None:
             loss = instantiate(cfg.loss, "loss", offered, **reduction_sum(cfg.loss))
@@ -105,6 +103,8 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
     from trainkit.run.checks import check_fit
 
     check_fit(cfg, data, model, task)  # one dry forward: a misfit is a ConfigError now, not at step 1
+    if place is not None and cfg.trainer.compile:  # a sharded root compiles nothing: its blocks are (core.sharding)
+        compile_blocks(model)
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from trainkit.core.errors import ConfigError
@@ -30,8 +31,10 @@ def attach(loss_fn: Any, task: str) -> Any:
     return loss_fn
 
 
-def device_of(model: nn.Module) -> Any:
-    return next(model.parameters()).device
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the teacher runs: the student's device and parameter dtype (float64 under precision=fp64)."""
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
 
 
 class DistillClassificationTask(ClassificationTask):
@@ -45,7 +48,8 @@ class DistillClassificationTask(ClassificationTask):
         student = model(inputs)
         if not model.training:
             return self.loss_fn(student, targets), {}
-        teacher = self.loss_fn.teacher_logits(device_of(model), inputs)
+        device, dtype = placement(model)
+        teacher = self.loss_fn.teacher_logits(device, inputs, dtype=dtype)
         return self.loss_fn.distill(student, teacher, targets)
 
 
@@ -70,5 +74,6 @@ class DistillSeq2SeqTask(Seq2SeqTask):
         if not model.training:
             return super().loss_sum(model, batch)
         student = model(batch["src"], batch["tgt_in"])
-        teacher = self.loss_fn.teacher_logits(device_of(model), batch["src"], batch["tgt_in"])
+        device, dtype = placement(model)
+        teacher = self.loss_fn.teacher_logits(device, batch["src"], batch["tgt_in"], dtype=dtype)
         return self.loss_fn.distill(student.flatten(0, 1), teacher.flatten(0, 1), batch["tgt_out"].flatten())

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainkit.core.errors import ConfigError
+from trainkit.core.precision import widened
 
 log = logging.getLogger("trainkit")
 TEACHER_HINT = ("train a teacher first and pass its checkpoint, e.g. `trainkit train +experiment=nmt_base "
@@ -115,14 +116,16 @@ class DistillationLoss:
         self.teacher, self.teacher_tokenizer = load_teacher(teacher_ckpt, runtime)
         self.task_attached = False  # set by a distillation task; a plain task would skip the teacher
 
-    def teacher_logits(self, device: torch.device, *inputs: Tensor) -> Tensor:
-        """The teacher's logits for the student's inputs: same device, the caller's autocast."""
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)  # once: the loss is built before the trainer picks the device
+    def teacher_logits(self, device: torch.device, *inputs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The teacher's logits for the student's inputs: on ``device``, its parameters in ``dtype``
+        (the student's: ``precision=fp64`` batches are float64), under the caller's autocast."""
+        parameter = next(self.teacher.parameters())
+        if parameter.device != device or (dtype is not None and parameter.dtype != dtype):
+            self.teacher.to(device=device, dtype=dtype)  # once: the loss is built before the trainer places the model
         return self.teacher(*inputs)
 
     def task_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index,
+        return F.cross_entropy(widened(logits), targets, ignore_index=self.ignore_index,
                                label_smoothing=self.label_smoothing, reduction="sum")
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -138,9 +141,10 @@ class DistillationLoss:
             raise ConfigError(f"loss.teacher_ckpt={self.teacher_ckpt}: the teacher predicts {tuple(teacher.shape)} "
                               f"where the student predicts {tuple(student.shape)}; they must share the outputs")
         keep = targets != self.ignore_index
-        # Computed in fp32 whatever the autocast dtype: a KL of near-equal distributions cancels badly in bf16.
-        student_log_probs = F.log_softmax(student[keep].float() / self.temperature, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher[keep].float() / self.temperature, dim=-1)
+        # Computed in fp32 whatever the autocast dtype (a KL of near-equal distributions cancels badly
+        # in bf16), in fp64 under precision=fp64.
+        student_log_probs = F.log_softmax(widened(student[keep]) / self.temperature, dim=-1)
+        teacher_log_probs = F.log_softmax(widened(teacher[keep]) / self.temperature, dim=-1)
         kl_sum = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
         kd = self.temperature**2 * kl_sum
         task = self.task_loss(student, targets)
