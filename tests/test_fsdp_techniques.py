@@ -180,3 +180,17 @@ def test_fp16_under_fsdp_scales_the_loss_and_stays_close_to_ddp(cli):
         scaler = checkpoint.load(run["last"], weights=False)["scaler"]
         assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 10  # 10 finite steps, none skipped
     assert_same_weights(sharded["weights"], replicated["weights"], atol=1e-6)
+
+
+def test_nan_policy_skip_under_fsdp_drops_the_update_on_every_rank(cli):
+    """The 4th training forward is NaN on both ranks: the global gradient norm over the shards
+    is non-finite, every rank skips the same update, the sharded checkpoint counts it."""
+    out = cli("train", *QUIET, *DIGITS, "model._target_=fault_helpers.NanAtCall", "+model.nan_call=4",
+              "trainer.nan_policy=skip", "trainer.max_steps=8", "distributed.nproc_per_node=2",
+              "distributed.strategy=fsdp", "hydra.run.dir=outputs/nan")
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = cli.cwd / "outputs" / "nan" / "checkpoints" / "last"
+    state = checkpoint.read(last)["trainer_state"]
+    assert state["skipped_steps"] == 1 and state["global_step"] == 8
+    assert all(torch.isfinite(value).all() for value in checkpoint.load(last)["model"].values())
+    assert "skipped the update of step 4" in (cli.cwd / "outputs" / "nan" / "train.log").read_text()
