@@ -57,3 +57,12 @@ def test_bench_fsdp_quick_run_shards_model_state(tmp_path):
     assert fsdp["model_state_mib"] < ddp["model_state_mib"]
     assert fsdp["ratio"] == pytest.approx(0.5, abs=0.01) and fsdp["goal_met"]
     assert fsdp["peak_rss_end_mib"] >= fsdp["peak_rss_step_mib"] > 0
+
+
+def test_bench_gpu_step_runs_its_cpu_smoke_mode(tmp_path):
+    """The GPU step-time bench (scripts/gpu_check.sh runs it on a GPU) at tiny sizes on the CPU:
+    both contenders ran and the ratio is theirs."""
+    (row,) = run_script(str(SCRIPTS / "bench_gpu_step.py"), "--cpu", "--precision", "fp32", "--windows", "1",
+                        "--steps", "2", cwd=tmp_path)
+    assert row["device"] == "cpu" and row["parameters"] > 0
+    assert row["ratio"] == pytest.approx(row["trainkit_ms_per_step"] / row["raw_ms_per_step"], rel=1e-2)
