@@ -63,21 +63,21 @@ def shard_model(model: nn.Module, device: torch.device, wrap: Sequence[str] = ()
     return model
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """``trainer.compile=true`` under FSDP: compile the forward of every sharded block in place;
-    returns how many. The loop's ``torch.compile`` of the root compiles nothing once the model
-    is sharded (Dynamo meets a block's FSDP hooks, which it must not trace, and runs the whole
+def compiled(model: nn.Module) -> nn.Module:
+    """``trainer.compile=true``: ``torch.compile(model)``, or under FSDP the model itself with
+    every sharded block's forward compiled in place. ``torch.compile`` of a sharded root compiles
+    nothing (Dynamo meets a block's FSDP hooks, which it must not trace, and runs the whole
     forward eagerly), so each block's own forward is compiled instead: its all-gather and
     reduce-scatter hooks run eagerly around it, and the root's own layers (embeddings, heads)
-    stay eager. A model that is not sharded is left alone."""
+    stay eager."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
-        return 0
-    blocks = [module for module in model.modules() if module is not model and isinstance(module, FSDPModule)]
-    for block in blocks:
-        block.forward = torch.compile(block.forward)  # an instance attribute: state_dict names unchanged
-    return len(blocks)
+        return torch.compile(model)
+    for block in model.modules():
+        if block is not model and isinstance(block, FSDPModule):
+            block.forward = torch.compile(block.forward)  # an instance attribute: state_dict names unchanged
+    return model
 
 
 @contextmanager

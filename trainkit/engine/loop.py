@@ -23,7 +23,7 @@ from trainkit.core.logs import RunLogger
 from trainkit.core.precision import Precision
 from trainkit.core.ranks import Dist, gather_lists, sum_number
 from trainkit.core.schema import TrainerConfig
-from trainkit.core.sharding import full_norm
+from trainkit.core.sharding import compiled, full_norm
 from trainkit.core.stop import stop_signals
 from trainkit.data.sampler import set_epoch
 from trainkit.engine.checkpoints import CheckpointManager, callback_names
@@ -65,7 +65,7 @@ class Trainer:
         self.task = task or (SupervisedTask(loss_fn) if loss_fn is not None else ModelLossTask())
         self.optimizer, self.run_dir = optimizer, Path(run_dir) if run_dir is not None else None
         wrapped = self.dist.wrap(self.model)  # what the loop calls: DDP and/or compiled
-        self.train_model = torch.compile(wrapped) if options.compile else wrapped
+        self.train_model = compiled(wrapped) if options.compile else wrapped  # FSDP: each block compiled
         # A task that is also a Callback (the VAE's beta controller) gets the hooks first, and
         # its state is saved in checkpoints like any callback's.
         named = {**({"task": self.task} if isinstance(self.task, Callback) else {}), **callback_names(callbacks)}

@@ -21,7 +21,6 @@ from trainkit.core.builder import (
 )
 from trainkit.core.errors import ConfigError, ConfigErrors
 from trainkit.core.schema import check_values
-from trainkit.core.sharding import compile_blocks
 from trainkit.losses import reduction_sum
 from trainkit.techniques.lora import apply_finetune
 
@@ -103,8 +102,6 @@ def build(cfg: DictConfig, seed: int, rank: int = 0, world_size: int = 1,
     from trainkit.run.checks import check_fit
 
     check_fit(cfg, data, model, task)  # one dry forward: a misfit is a ConfigError now, not at step 1
-    if place is not None and cfg.trainer.compile:  # a sharded root compiles nothing: its blocks are (core.sharding)
-        compile_blocks(model)
     return Components(data, model, task, optimizer, scheduler, steps_per_epoch, total_steps, callbacks)
 
 
