@@ -82,6 +82,8 @@ def test_an_epoch_boundary_checkpoint_resumes_at_another_world_size(continued, r
                     strategy="fsdp")
     name = "last" if ranks > 1 else "last.pt"  # one process shards nothing: it writes a file
     assert_same_weights(whole, weights(resumed / name), atol=1e-8)
+    if ranks == 1:  # the adopted sharded best is replaced by files, and its folder goes with it
+        assert sorted(p.name for p in resumed.iterdir()) == ["best.pt", "last.pt"]
 
 
 # The same world size resumes bit for bit, in fp32 as users train, with what a run draws at random

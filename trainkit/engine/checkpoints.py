@@ -218,8 +218,7 @@ class CheckpointManager:
             self.folder.link(last, top_k_name(state.global_step, self.suffix))
         for name in stale:
             (self.directory / name).unlink(missing_ok=True)
-        if self.sharded:
-            checkpoint.remove_unlinked(self.directory)
+        checkpoint.remove_unlinked(self.directory)  # also a sharded best adopted by a 1-process resume, once replaced
 
     def rank_top_k(self, value: float, state: TrainerState) -> list[str]:
         """Put this step's checkpoint among the top k (before last.pt is written, so last.pt
